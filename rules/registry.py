@@ -1,0 +1,37 @@
+"""The rule table. Its order is the action layout of the agent; `RULE_FINGERPRINT` identifies it."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from xrlflow.rules.merge_parallel_matmul import MergeParallelMatMul, SplitMergedMatMul
+from xrlflow.engine import RewriteEngine, Rule
+from xrlflow.errors import BadInputError
+
+# name                          class (each file in rules/ is named after its forward rule)
+RULES: tuple[Rule, ...] = (
+    MergeParallelMatMul(),
+    SplitMergedMatMul(),
+)
+
+
+def rule_names() -> list[str]:
+    return [r.name for r in RULES]
+
+
+def select_rules(enable: Iterable[str] | None = None, disable: Iterable[str] | None = None) -> tuple[Rule, ...]:
+    """The registry filtered by --rules / --disable-rules (registry order kept)."""
+    known = set(rule_names())
+    chosen = list(enable) if enable else []
+    dropped = list(disable) if disable else []
+    unknown = sorted((set(chosen) | set(dropped)) - known)
+    if unknown:
+        raise BadInputError(f"unknown rule(s) {', '.join(unknown)}; `xrlflow rules` lists them")
+    return tuple(r for r in RULES if (not chosen or r.name in chosen) and r.name not in dropped)
+
+
+def default_engine() -> RewriteEngine:
+    return RewriteEngine(RULES)
+
+
+RULE_FINGERPRINT = RewriteEngine(RULES).fingerprint

@@ -1,0 +1,447 @@
+"""ONNX import and export for the IR (`load_graph`, `to_model`, `save_model`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from xrlflow.errors import BadInputError, GraphError
+from xrlflow.ir import PURE_OPS, Graph, ModelContext, Node, OpaqueAttribute, TensorType, make_attributes
+
+MIN_OPSET = 13
+# Constant subgraphs that rewrites create are folded on export, except ops that can blow a tiny input up into
+# a large tensor (the artifact must never grow by more than what was merged).
+NEVER_FOLD = frozenset({"Tile", "Expand", "ConstantOfShape", "Range"})
+_LARGE_TENSOR_BYTES = 1 << 16
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse `name=1x128` flags into {name: (1, 128)}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+            if any(d <= 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise BadInputError(f"bad --input-shape {spec!r}: expected NAME=DIMSxDIMS, e.g. input_ids=1x128") from None
+        shapes[name] = shape
+    return shapes
+
+
+def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX file (external data included) or raise BadInputError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise BadInputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise BadInputError(f"{path}: not an ONNX model (no graph)")
+    base = path.resolve().parent
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if not location:
+            raise BadInputError(f"{path}: tensor {tensor.name!r} has external data without a location")
+        target = (base / location).resolve()
+        if base not in target.parents:
+            raise BadInputError(f"{path}: external data path {location!r} escapes the model's folder")
+        if not target.is_file():
+            raise BadInputError(f"{path}: external data file {location!r} is missing")
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise BadInputError(f"{path}: cannot read external data ({exc})") from None
+    return model
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def _parse_attribute(attr: onnx.AttributeProto) -> Any:
+    kind = attr.type
+    if kind == onnx.AttributeProto.INT:
+        return int(attr.i)
+    if kind == onnx.AttributeProto.FLOAT:
+        return float(attr.f)
+    if kind == onnx.AttributeProto.STRING:
+        return attr.s.decode("utf-8", "surrogateescape")
+    if kind == onnx.AttributeProto.INTS:
+        return tuple(int(v) for v in attr.ints)
+    if kind == onnx.AttributeProto.FLOATS:
+        return tuple(float(v) for v in attr.floats)
+    if kind == onnx.AttributeProto.STRINGS:
+        return tuple(s.decode("utf-8", "surrogateescape") for s in attr.strings)
+    import hashlib
+
+    return OpaqueAttribute(attr, hashlib.blake2b(attr.SerializeToString(deterministic=True), digest_size=16).hexdigest())
+
+
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from its enclosing scope."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(v for v in node.input if v)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                used |= _outer_names(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    used |= _outer_names(g)
+        defined.update(node.output)
+    used.update(v.name for v in graph.output)
+    return used - defined
+
+
+def _tensor_type(type_proto: onnx.TypeProto) -> TensorType | None:
+    if not type_proto.HasField("tensor_type"):
+        return None
+    tt = type_proto.tensor_type
+    if not tt.HasField("shape"):
+        return TensorType(tt.elem_type, None)
+    dims: list[int | str] = []
+    for i, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or f"?{i}")
+    return TensorType(tt.elem_type, tuple(dims))
+
+
+def _bind_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
+    init_names = {t.name for t in model.graph.initializer}
+    graph_inputs = [v for v in model.graph.input if v.name not in init_names]
+    names = {v.name for v in graph_inputs}
+    unknown = sorted(set(input_shapes) - names)
+    if unknown:
+        raise BadInputError(f"--input-shape names unknown input(s) {', '.join(unknown)}; inputs are {', '.join(sorted(names))}")
+    unbound: list[str] = []
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model) if len(model.graph.initializer) == 0 else _copy_without_weights(model, bound)
+    for v in bound.graph.input:
+        if v.name in init_names or not v.type.HasField("tensor_type"):
+            continue
+        shape = v.type.tensor_type.shape
+        if v.name in input_shapes:
+            want = input_shapes[v.name]
+            if len(want) != len(shape.dim):
+                raise BadInputError(f"--input-shape {v.name}: rank {len(want)} given, the model's input has rank {len(shape.dim)}")
+            for d, size in zip(shape.dim, want):
+                if d.HasField("dim_value") and d.dim_value != size:
+                    raise BadInputError(f"--input-shape {v.name}: dim {d.dim_value} is fixed by the model, {size} given")
+                d.Clear()
+                d.dim_value = size
+        for i, d in enumerate(shape.dim):
+            if not d.HasField("dim_value"):
+                unbound.append(f"{v.name}[{i}]" + (f"={d.dim_param}" if d.dim_param else ""))
+            elif d.dim_value > (1 << 31):
+                raise BadInputError(f"input {v.name} declares an unreasonably large dim {d.dim_value}")
+    if unbound:
+        example = next(iter(v.name for v in graph_inputs), "input")
+        raise BadInputError(
+            f"unbound symbolic dims {', '.join(unbound)}: bind them with --input-shape, e.g. {example}=1x128"
+        )
+    return bound
+
+
+def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """Copy a model, replacing large initializer payloads by external-data stubs (shape inference reads dims only)."""
+    graph = model.graph
+    saved = list(graph.initializer)
+    del graph.initializer[:]
+    out.CopyFrom(model)
+    graph.initializer.extend(saved)
+    for t in saved:
+        stub = out.graph.initializer.add()
+        if _tensor_nbytes(t) > _LARGE_TENSOR_BYTES:
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            entry = stub.external_data.add()
+            entry.key, entry.value = "location", "__xrlflow_stub__"
+        else:
+            stub.CopyFrom(t)
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
+
+
+def load_graph(
+    source: str | os.PathLike[str] | onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Graph:
+    """Load an ONNX model (opset >= 13) into the IR; symbolic input dims must be bound by `input_shapes`."""
+    model = source if isinstance(source, onnx.ModelProto) else read_model(source)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise BadInputError("the model imports no default-domain opset")
+    if opset < MIN_OPSET:
+        raise BadInputError(f"opset {opset} is older than {MIN_OPSET}; convert it first (onnx.version_converter)")
+    bound = _bind_inputs(model, input_shapes or {})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise BadInputError(f"shape inference failed: {str(exc).splitlines()[0][:200]}") from None
+
+    graph = model.graph
+    types: dict[str, TensorType] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = _tensor_type(vi.type)
+        if t is not None:
+            types[vi.name] = t
+    initializers: dict[str, onnx.TensorProto] = {}
+    for t in graph.initializer:
+        if t.name in initializers:
+            raise BadInputError(f"duplicate initializer name {t.name!r}")
+        initializers[t.name] = t
+        if any(d < 0 for d in t.dims):
+            raise BadInputError(f"initializer {t.name!r} has a negative dim")
+        types[t.name] = TensorType(t.data_type, tuple(int(d) for d in t.dims))
+
+    inputs = tuple(v.name for v in graph.input if v.name not in initializers)
+    outputs = tuple(v.name for v in graph.output)
+    if len(set(outputs)) != len(outputs):
+        raise BadInputError("the graph lists an output twice")
+    nodes: dict[str, Node] = {}
+    producer: dict[str, str] = {}
+    used_names: set[str] = set()
+    for i, proto in enumerate(graph.node):
+        name = proto.name or f"{proto.op_type}_{i}"
+        if name in used_names:
+            name = f"{name}__{i}"
+        used_names.add(name)
+        attrs = tuple(sorted((a.name, _parse_attribute(a)) for a in proto.attribute))
+        implicit: set[str] = set()
+        for a in proto.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                implicit |= _outer_names(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    implicit |= _outer_names(g)
+        node = Node(
+            name, proto.op_type, tuple(proto.input), tuple(proto.output), attrs, proto.domain,
+            doc_string=proto.doc_string, implicit_inputs=tuple(sorted(implicit)),
+        )
+        for out in node.outputs:
+            if not out:
+                continue
+            if out in producer or out in initializers or out in inputs:
+                raise BadInputError(f"value {out!r} is produced more than once")
+            producer[out] = name
+        nodes[name] = node
+    known = set(producer) | set(initializers) | set(inputs)
+    consumers: dict[str, tuple[str, ...]] = {}
+    for node in nodes.values():
+        for v in node.all_inputs:
+            if not v:
+                continue
+            if v not in known:
+                raise BadInputError(f"node {node.name!r} reads {v!r}, which nothing produces")
+            consumers[v] = consumers.get(v, ()) + (node.name,)
+    for v in outputs:
+        if v not in known:
+            raise BadInputError(f"graph output {v!r} is produced by nothing")
+    for v in outputs:
+        if v not in types:
+            out_vi = next(o for o in graph.output if o.name == v)
+            t = _tensor_type(out_vi.type)
+            if t is not None:
+                types[v] = t
+
+    context = ModelContext(
+        ir_version=model.ir_version,
+        opset_imports=tuple((o.domain, o.version) for o in model.opset_import),
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        domain=model.domain,
+        model_version=model.model_version,
+        doc_string=model.doc_string,
+        graph_name=graph.name,
+        graph_doc_string=graph.doc_string,
+        metadata_props=tuple((p.key, p.value) for p in model.metadata_props),
+        functions=tuple(model.functions),
+        input_protos=tuple(v for v in graph.input if v.name not in initializers),
+        output_protos=tuple(graph.output),
+    )
+    g = Graph(nodes, types, initializers, inputs, outputs, context, producer, consumers, frozenset(), 0)
+    order = g.topological_order()  # raises on a cycle
+    constants = {name for name in initializers if name not in inputs}
+    for name in order:
+        node = nodes[name]
+        if node.op_type in PURE_OPS and not node.is_opaque and all((not v) or v in constants for v in node.inputs):
+            constants.update(v for v in node.outputs if v)
+    g.constants = frozenset(constants)
+    return g
+
+
+def _attribute_proto(name: str, value: Any) -> onnx.AttributeProto:
+    if isinstance(value, OpaqueAttribute):
+        return value.proto
+    return onnx.helper.make_attribute(name, list(value) if isinstance(value, tuple) else value)
+
+
+def _node_proto(node: Node) -> onnx.NodeProto:
+    proto = onnx.helper.make_node(node.op_type, list(node.inputs), list(node.outputs), name=node.name, domain=node.domain)
+    proto.attribute.extend(_attribute_proto(k, v) for k, v in node.attributes)
+    if node.doc_string:
+        proto.doc_string = node.doc_string
+    return proto
+
+
+def to_model(graph: Graph, fold_constants: bool = False) -> onnx.ModelProto:
+    """Export to an ONNX ModelProto.
+
+    With `fold_constants`, constant subgraphs created by rewrites (weight concatenations, paddings, ...) are
+    evaluated once, so the artifact holds the folded weights and none of the originals they replaced.
+    """
+    ctx = graph.context
+    order = graph.topological_order()
+    folded: dict[str, np.ndarray] = {}
+    if fold_constants:
+        folded = _fold_rewrite_constants(graph, order)
+    node_protos = []
+    used: set[str] = set()
+    for name in order:
+        node = graph.nodes[name]
+        if node.outputs and all((not v) or v in folded for v in node.outputs):
+            continue
+        node_protos.append(_node_proto(node))
+        used.update(node.all_inputs)
+    used.update(graph.outputs)
+    initializers = [t for n, t in graph.initializers.items() if n in used and n not in folded]
+    live_folded = [numpy_helper.from_array(a, n) for n, a in folded.items() if n in used]
+
+    outputs = []
+    for proto in ctx.output_protos:
+        t = graph.types.get(proto.name)
+        if not proto.type.tensor_type.HasField("shape") and t is not None and t.shape is not None:
+            proto = onnx.helper.make_tensor_value_info(proto.name, t.dtype, list(t.shape))
+        outputs.append(proto)
+    g = onnx.helper.make_graph(
+        node_protos, ctx.graph_name or "xrlflow", list(ctx.input_protos), outputs,
+        initializer=initializers + live_folded, doc_string=ctx.graph_doc_string or None,
+    )
+    model = onnx.helper.make_model(
+        g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in ctx.opset_imports],
+        producer_name=ctx.producer_name, producer_version=ctx.producer_version,
+    )
+    model.ir_version = ctx.ir_version
+    if ctx.domain:
+        model.domain = ctx.domain
+    model.model_version = ctx.model_version
+    if ctx.doc_string:
+        model.doc_string = ctx.doc_string
+    for key, value in ctx.metadata_props:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.functions.extend(ctx.functions)
+    return model
+
+
+def _fold_rewrite_constants(graph: Graph, order: list[str]) -> dict[str, np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    values: dict[str, np.ndarray] = {}
+    folded: dict[str, np.ndarray] = {}
+
+    def array(v: str) -> np.ndarray | None:
+        if v in values:
+            return values[v]
+        a = graph.constant_array(v)
+        if a is not None:
+            values[v] = a
+        return a
+
+    for name in order:
+        node = graph.nodes[name]
+        if not node.origin or node.op_type in NEVER_FOLD or node.op_type not in PURE_OPS:
+            continue
+        if not all((not v) or graph.is_constant(v) for v in node.inputs):
+            continue
+        args = [array(v) if v else None for v in node.inputs]
+        if any(a is None for v, a in zip(node.inputs, args) if v):
+            continue
+        proto = _node_proto(node)
+        in_infos = [
+            onnx.helper.make_tensor_value_info(v, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for v, a in zip(node.inputs, args) if v
+        ]
+        out_infos = [onnx.helper.make_empty_tensor_value_info(v) for v in node.outputs if v]
+        model = onnx.helper.make_model(
+            onnx.helper.make_graph([proto], "fold", in_infos, out_infos),
+            opset_imports=[onnx.helper.make_opsetid("", graph.context.opset)],
+        )
+        results = ReferenceEvaluator(model).run(None, {v: a for v, a in zip(node.inputs, args) if v})
+        for v, r in zip([v for v in node.outputs if v], results):
+            values[v] = folded[v] = np.asarray(r)
+    return folded
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool = False) -> None:
+    """Write atomically: to a temporary file beside the target, then rename. Never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    data_name = f"{path.name}.data"
+    tmp_data = path.parent / f".{data_name}.tmp"
+    try:
+        if external_data or model.ByteSize() > (1 << 31) - (1 << 20):
+            onnx.save_model(
+                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                location=tmp_data.name, size_threshold=1024,
+            )
+            # The .onnx references its data file by name: rewrite the reference, then rename both.
+            saved = onnx.load(tmp, load_external_data=False)
+            for t in _all_tensors(saved.graph):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            onnx.save_model(saved, tmp)
+            os.replace(tmp_data, path.parent / data_name)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        for leftover in (tmp, tmp_data):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+        raise
+
+
+def graph_to_bytes(graph: Graph) -> bytes:
+    """The unfolded export, serialised (what the latency service measures; ORT folds weight concats itself)."""
+    return to_model(graph).SerializeToString()
+
+
+__all__ = ["load_graph", "read_model", "to_model", "save_model", "parse_input_shapes", "graph_to_bytes", "GraphError", "make_attributes"]

@@ -1,0 +1,145 @@
+"""Numeric verification: does a rewritten model compute what the original computes?
+
+Runs both models in onnxruntime on the CPU EP (the CUDA EP's TF32 GEMMs legitimately move merged MatMul
+results by ~2e-4 relative) on the same inputs and compares every output with explicit tolerances.
+NaN in both outputs at the same place counts as equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from xrlflow.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    outputs: list[OutputComparison] = field(default_factory=list)
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "reason": self.reason,
+            "outputs": [vars(o) for o in self.outputs],
+        }
+
+
+def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds for the model's inputs (symbolic dims from `shapes`); ints are small non-negative ids."""
+    rng = np.random.default_rng(seed)
+    init_names = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in init_names:
+            continue
+        tt = vi.type.tensor_type
+        if shapes and vi.name in shapes:
+            shape = tuple(shapes[vi.name])
+        else:
+            shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if dtype.kind == "f":
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[vi.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[vi.name] = rng.integers(0, 8, shape).astype(dtype)
+    return feeds
+
+
+def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, dict(feeds))
+
+
+def compare_outputs(
+    names: list[str],
+    expected: list[np.ndarray],
+    actual: list[np.ndarray],
+    tolerance: Tolerance | Mapping[str, Tolerance] = Tolerance(),
+) -> VerifyReport:
+    comparisons = []
+    for name, a, b in zip(names, expected, actual):
+        tol = tolerance.get(name, Tolerance()) if isinstance(tolerance, Mapping) else tolerance
+        a = np.asarray(a)
+        b = np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            comparisons.append(OutputComparison(name, float("inf"), float("inf"), False))
+            continue
+        if a.dtype.kind in "fc":
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            both_nan = np.isnan(a64) & np.isnan(b64)
+            diff = np.where(both_nan, 0.0, np.abs(a64 - b64))
+            diff = np.where(np.isnan(diff), np.inf, diff)
+            rel = diff / np.maximum(np.abs(a64), 1e-12)
+            ok = bool(np.all(diff <= tol.atol + tol.rtol * np.abs(np.where(both_nan, 0, a64))))
+            max_abs = float(diff.max()) if diff.size else 0.0
+            max_rel = float(np.where(diff > 0, rel, 0).max()) if diff.size else 0.0
+        else:
+            ok = bool(np.array_equal(a, b))
+            max_abs = float(np.abs(a.astype(np.int64) - b.astype(np.int64)).max()) if a.size else 0.0
+            max_rel = 0.0 if ok else float("inf")
+        comparisons.append(OutputComparison(name, max_abs, max_rel, ok))
+    return VerifyReport(all(c.ok for c in comparisons), comparisons)
+
+
+def verify_models(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    tolerance: Tolerance | Mapping[str, Tolerance] = Tolerance(),
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> VerifyReport:
+    """Run both models on the same inputs (given, or random) and compare their outputs."""
+    if feeds is None:
+        feeds = random_inputs(reference, input_shapes, seed)
+    names = [o.name for o in reference.graph.output]
+    if names != [o.name for o in candidate.graph.output]:
+        return VerifyReport(False, reason="output names differ")
+    try:
+        expected = run_model(reference, feeds)
+    except Exception as exc:
+        return VerifyReport(False, reason=f"onnxruntime cannot run the original: {str(exc).splitlines()[0][:200]}")
+    try:
+        actual = run_model(candidate, feeds)
+    except Exception as exc:
+        return VerifyReport(False, reason=f"onnxruntime cannot run the rewritten model: {str(exc).splitlines()[0][:200]}")
+    report = compare_outputs(names, expected, actual, tolerance)
+    if not report.ok:
+        bad = [o.name for o in report.outputs if not o.ok]
+        report.reason = f"outputs differ beyond tolerance: {', '.join(bad)}"
+    return report
+
+
+def load_feeds(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise BadInputError(f"{path}: cannot read inputs ({type(exc).__name__})") from None
