@@ -13,11 +13,16 @@ from xrlflow.errors import BadInputError
 # parser(s) with `set_defaults(handler=...)`, the handler taking the parsed args and returning an exit code.
 COMMAND_MODULES = (
     "xrlflow.rules_cli",
-    "xrlflow.zoo",
     "xrlflow.measure_cli",
     "xrlflow.optimize",
     "xrlflow.train",
 )
+
+
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    from xrlflow.zoo import add_zoo_cli, run_zoo_cli
+
+    add_zoo_cli(sub).set_defaults(handler=run_zoo_cli)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a subcommand not built in this checkout
             raise
         module.add_cli(sub)
+    _add_zoo(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 from onnx import numpy_helper
 
 from xrlflow.errors import BadInputError, GraphError
@@ -292,7 +293,10 @@ def load_graph(
         output_protos=tuple(graph.output),
     )
     g = Graph(nodes, types, initializers, inputs, outputs, context, producer, consumers, frozenset(), 0)
-    order = g.topological_order()  # raises on a cycle
+    try:
+        order = g.topological_order()
+    except GraphError:
+        raise BadInputError("the graph has a cycle") from None
     constants = {name for name in initializers if name not in inputs}
     for name in order:
         node = nodes[name]
@@ -406,37 +410,28 @@ def _fold_rewrite_constants(graph: Graph, order: list[str]) -> dict[str, np.ndar
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool = False) -> None:
-    """Write atomically: to a temporary file beside the target, then rename. Never half-written."""
+    """Write atomically (temporary files beside the target, then rename): never half-written.
+
+    With `external_data` (automatic past protobuf's 2 GB limit) the weights go to `<name>.data` beside it.
+    The caller's ModelProto is not modified.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    data_name = f"{path.name}.data"
-    tmp_data = path.parent / f".{data_name}.tmp"
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
+        tmp = Path(tmpdir) / path.name
         if external_data or model.ByteSize() > (1 << 31) - (1 << 20):
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=tmp_data.name, size_threshold=1024,
+            data_name = f"{path.name}.data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                copy, all_tensors_to_one_file=True, location=data_name, size_threshold=0,
             )
-            # The .onnx references its data file by name: rewrite the reference, then rename both.
-            saved = onnx.load(tmp, load_external_data=False)
-            for t in _all_tensors(saved.graph):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save_model(saved, tmp)
-            os.replace(tmp_data, path.parent / data_name)
+            onnx.save_model(copy, str(tmp))
+            if (Path(tmpdir) / data_name).exists():
+                os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         else:
-            onnx.save_model(model, tmp)
+            onnx.save_model(model, str(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, tmp_data):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass
-        raise
 
 
 def graph_to_bytes(graph: Graph) -> bytes:
