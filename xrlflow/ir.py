@@ -493,7 +493,10 @@ class GraphEdit:
             p = producer.get(old)
             if p is None or p not in nodes:
                 continue
-            if any(consumers.get(v) for v in nodes[p].outputs if v != old):
+            # Outputs that this edit replaces too lose their readers (or are re-produced) below; only the
+            # others keep the old producer alive.
+            kept = [v for v in nodes[p].outputs if v != old and v not in final]
+            if any(consumers.get(v) or v in pinned for v in kept):
                 raise GraphError(f"cannot re-produce pinned value {old!r} while {p!r} stays in use")
             drop_node(p)
 
