@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Iterable
 
 from xrlflow.rules.merge_parallel_matmul import MergeParallelMatMul, SplitMergedMatMul
+from xrlflow.rules.merge_parallel_conv import MergeParallelConv, SplitMergedConv
+from xrlflow.rules.enlarge_conv_kernel import EnlargeConvKernel, ShrinkConvKernel
+from xrlflow.rules.fuse_conv_sum import FuseConvSum, SplitConvSum
+from xrlflow.rules.batch_shared_weight_conv import BatchSharedWeightConv, UnbatchSharedWeightConv
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -12,6 +16,14 @@ from xrlflow.errors import BadInputError
 RULES: tuple[Rule, ...] = (
     MergeParallelMatMul(),
     SplitMergedMatMul(),
+    MergeParallelConv(),
+    SplitMergedConv(),
+    EnlargeConvKernel(),
+    ShrinkConvKernel(),
+    FuseConvSum(),
+    SplitConvSum(),
+    BatchSharedWeightConv(),
+    UnbatchSharedWeightConv(),
 )
 
 
