@@ -9,6 +9,12 @@ from xrlflow.rules.merge_parallel_conv import MergeParallelConv, SplitMergedConv
 from xrlflow.rules.enlarge_conv_kernel import EnlargeConvKernel, ShrinkConvKernel
 from xrlflow.rules.fuse_conv_sum import FuseConvSum, SplitConvSum
 from xrlflow.rules.batch_shared_weight_conv import BatchSharedWeightConv, UnbatchSharedWeightConv
+from xrlflow.rules.hoist_unary_above_split import HoistUnaryAboveSplit, SinkUnaryBelowSplit
+from xrlflow.rules.hoist_unary_over_concat import HoistUnaryOverConcat, SinkUnaryIntoConcat
+from xrlflow.rules.hoist_const_binary_above_split import (
+    HoistConstBinaryAboveSplit, HoistConstBinaryOverConcat, SinkConstBinaryBelowSplit, SinkConstBinaryIntoConcat,
+)
+from xrlflow.rules.cancel_split_concat import CancelConcatSplit, CancelSliceConcat, CancelSplitConcat
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -24,6 +30,17 @@ RULES: tuple[Rule, ...] = (
     SplitConvSum(),
     BatchSharedWeightConv(),
     UnbatchSharedWeightConv(),
+    HoistUnaryAboveSplit(),
+    SinkUnaryBelowSplit(),
+    HoistUnaryOverConcat(),
+    SinkUnaryIntoConcat(),
+    HoistConstBinaryAboveSplit(),
+    SinkConstBinaryBelowSplit(),
+    HoistConstBinaryOverConcat(),
+    SinkConstBinaryIntoConcat(),
+    CancelSplitConcat(),
+    CancelConcatSplit(),
+    CancelSliceConcat(),
 )
 
 
