@@ -1,0 +1,185 @@
+"""Measured latency: timing statistics, interleaved comparison, the SQLite cache, isolation of failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.rulecheck import ModelBuilder
+from xrlflow.cli import main as cli_main
+from xrlflow.latency import Latency, LatencyService
+from xrlflow.latency_cache import CacheKey, LatencyCache
+from xrlflow.measure import MeasureConfig, MeasuredLatency
+from xrlflow.measure_worker import median_ci
+from xrlflow.onnx_io import load_graph, save_model
+
+FAST = dict(warmup_runs=3, min_runs=20, max_runs=400, max_seconds=2.0)
+
+
+def tiny_model(width: int = 64, seed: int = 0) -> onnx.ModelProto:
+    b = ModelBuilder(seed=seed)
+    x = b.input("x", [4, width])
+    h = b.op("Relu", [b.op("MatMul", [x, b.const([width, width])])])
+    b.output(b.op("MatMul", [h, b.const([width, width])]))
+    return b.model()
+
+
+def custom_op_model() -> onnx.ModelProto:
+    """Valid ONNX that onnxruntime cannot load: an op from an unknown domain."""
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example.nothing")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example.nothing", 1)])
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "latency.sqlite"
+    with MeasuredLatency(MeasureConfig(cache_path=str(path), **FAST)) as s:
+        yield s
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_more_samples():
+    rng = np.random.default_rng(0)
+    small = rng.lognormal(0, 0.1, 50)
+    large = rng.lognormal(0, 0.1, 5000)
+    for x in (small, large):
+        med, low, high = median_ci(x)
+        assert low <= med <= high
+    assert (median_ci(large)[2] - median_ci(large)[1]) < (median_ci(small)[2] - median_ci(small)[1])
+    # coverage: the true median (1.0) falls inside the interval in roughly 95% of draws
+    hits = sum(low <= 1.0 <= high for low, high in (median_ci(rng.lognormal(0, 0.1, 101))[1:] for _ in range(400)))
+    assert 0.90 <= hits / 400 <= 0.99
+
+
+def test_measures_a_tiny_model_with_a_sane_median_and_ci(service):
+    assert isinstance(service, LatencyService)
+    result = service.latency(load_graph(tiny_model()))
+    assert result.ok and result.source == "measured", result.reason
+    assert 0 < result.low_ms <= result.ms <= result.high_ms < 50
+    assert 20 <= result.runs <= 400
+    again = service.latency(load_graph(tiny_model()))
+    assert again.source == "cache" and again.ms == result.ms
+
+
+def test_interleaved_compare_of_a_graph_with_itself_is_near_one_and_finds_a_bigger_graph_slower(service):
+    small, big = load_graph(tiny_model(32)), load_graph(tiny_model(384))
+    same = service.compare(small, small)
+    assert same.ok and same.low <= same.ratio <= same.high
+    assert 0.8 < same.ratio < 1.25
+    bigger = service.compare(small, big)
+    assert bigger.ok and bigger.ratio > 2 and bigger.speedup < 0.5
+    assert bigger.a.ms < bigger.b.ms
+
+
+def test_unrunnable_model_is_a_failed_measurement_and_the_worker_keeps_serving(service):
+    result = service.latency(load_graph(custom_op_model()))
+    assert not result.ok and result.ms == float("inf")
+    assert "Mystery" in result.reason or "com.example.nothing" in result.reason
+    assert service.latency(load_graph(tiny_model(48))).ok
+
+
+def test_killed_worker_is_a_failed_measurement_then_a_fresh_worker_measures(tmp_path):
+    config = MeasureConfig(cache_path="", warmup_runs=1, min_runs=100000, max_runs=100000, max_seconds=60)
+    with MeasuredLatency(config) as service:
+        graph = load_graph(tiny_model(256))
+        killer = threading.Thread(target=_kill_worker_when_up, args=(service,))
+        killer.start()
+        result = service.latency(graph)
+        killer.join()
+        assert not result.ok and "SIGKILL" in result.reason
+    with MeasuredLatency(MeasureConfig(cache_path="", timeout_s=0.5, warmup_runs=1, min_runs=100000,
+                                       max_runs=100000, max_seconds=60)) as service:
+        hung = service.latency(load_graph(tiny_model(256)))
+        assert not hung.ok and "timed out" in hung.reason
+        assert service.worker.pid is None  # killed, not left running
+        service.config = MeasureConfig(cache_path="", timeout_s=30, **FAST)
+        assert service.latency(load_graph(tiny_model(256))).ok
+
+
+def _kill_worker_when_up(service: MeasuredLatency) -> None:
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        pid = service.worker.pid
+        if pid is not None:
+            time.sleep(1.0)  # inside the timing loop by now
+            os.kill(pid, 9)
+            return
+        time.sleep(0.02)
+
+
+def test_cache_round_trip_and_failures_keep_their_reason(tmp_path):
+    key = CacheKey("abc", "x=1x2", "CPUExecutionProvider/t1", "cpu", "1.0", "ORT_ENABLE_ALL")
+    with LatencyCache(tmp_path / "c.sqlite") as cache:
+        assert cache.get(key) is None
+        cache.put(key, Latency(1.5, 1.4, 1.6, 30, "measured"))
+        failed_key = CacheKey("def", "", "p", "cpu", "1.0", "ORT_ENABLE_ALL")
+        cache.put(failed_key, Latency.failed("cannot load"))
+    with LatencyCache(tmp_path / "c.sqlite") as fresh:  # from disk, not the in-process dict
+        hit = fresh.get(key)
+        assert (hit.ms, hit.low_ms, hit.high_ms, hit.runs, hit.source) == (1.5, 1.4, 1.6, 30, "cache")
+        failed = fresh.get(failed_key)
+        assert not failed.ok and failed.reason == "cannot load" and failed.ms == float("inf")
+        assert fresh.get(CacheKey("abc", "x=1x2", "CPUExecutionProvider/t1", "cpu", "1.0", "ORT_DISABLE_ALL")) is None
+        assert fresh.stats()["measurements"] == 2
+        assert fresh.clear() == 2 and fresh.get(key) is None
+
+
+_WRITER = """
+import sys
+from xrlflow.latency import Latency
+from xrlflow.latency_cache import CacheKey, LatencyCache
+cache = LatencyCache(sys.argv[1])
+for i in range(200):
+    cache.put(CacheKey(f"{sys.argv[2]}{i}", "", "p", "d", "v", "o"), Latency(float(i), i, i, 1, "measured"))
+    cache.get(CacheKey(f"{sys.argv[3]}{i}", "", "p", "d", "v", "o"))
+"""
+
+
+def test_two_processes_share_the_cache_file(tmp_path):
+    path = str(tmp_path / "shared.sqlite")
+    writers = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, path, tag, other])
+        for tag, other in (("a", "b"), ("b", "a"))
+    ]
+    assert [w.wait(timeout=60) for w in writers] == [0, 0]
+    with LatencyCache(path) as cache:
+        assert cache.stats()["measurements"] == 400
+        assert cache.get(CacheKey("b199", "", "p", "d", "v", "o")).ms == 199.0
+
+
+def test_cli_measure_json_and_failure_exit_code(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XRLFLOW_CACHE_DIR", str(tmp_path))
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    save_model(tiny_model(), good)
+    save_model(custom_op_model(), bad)
+    assert cli_main(["measure", str(good), "--json", "--max-seconds", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["median_ms"] > 0 and report["runs"] >= 1
+    assert cli_main(["measure", str(bad)]) == 2
+    assert "measurement failed" in capsys.readouterr().err
+    assert cli_main(["cache", "stats", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["measurements"] == 2
+    assert cli_main(["measure", str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_cuda_without_the_provider_is_bad_input():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    from xrlflow.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="no CUDA execution provider"):
+        MeasuredLatency(MeasureConfig(device="cuda", cache_path=""))

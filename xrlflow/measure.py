@@ -1,0 +1,313 @@
+"""Measured latency: end-to-end onnxruntime timing of a graph, isolated in a worker process, cached in SQLite.
+
+`MeasuredLatency(config).latency(graph)` exports the graph unfolded (onnxruntime folds the weight Concats that
+rewrites add at session creation, so the timed model is what a folded export would be), times it in a
+worker process until the 95% confidence interval of the median is within `target_rel_ci` of the median (or
+a cap on runs / seconds is hit), and caches the result by structural hash and setting.
+
+`compare(a, b)` times both graphs interleaved (A B, B A, ...) in one worker with both sessions alive and
+returns the median of the per-pair time ratios B/A with its CI: on a noisy machine that cancels drift which
+separate measurements do not.
+
+Isolation: a segfault, a hang past `timeout_s` or an out-of-memory kill of the worker becomes a failed
+`Latency` (ok=False, with the reason) and a fresh worker serves the next request.
+"""
+
+from __future__ import annotations
+
+import platform
+import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xrlflow.errors import BadInputError
+from xrlflow.ir import Graph
+from xrlflow.latency import Latency
+from xrlflow.latency_cache import CacheKey, LatencyCache, format_shapes
+from xrlflow.measure_worker import (
+    OPT_LEVELS, InputSpec, SessionSettings, TimingJob, TimingPlan, TimingResult, median_ci, worker_main,
+)
+
+NO_CUDA_MESSAGE = (
+    "onnxruntime has no CUDA execution provider: install the gpu extra "
+    "(pip install 'xrlflow[gpu]' after uninstalling onnxruntime)"
+)
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    device: str = "cpu"  # "cpu" or "cuda"
+    device_id: int = 0
+    opt_level: str = "ORT_ENABLE_ALL"
+    # One intra-op thread on the CPU: on a shared machine a thread pool's spin-waiting collides with every
+    # other process and doubles the noise, and parallel environment workers each get a core of their own.
+    # Rankings of rewrites (fewer kernels, larger GEMMs) were the same at 1 and 2 threads in REFERENCE.md.
+    intra_op_threads: int = 1
+    warmup_runs: int = 10
+    min_runs: int = 20
+    max_runs: int = 2000
+    max_seconds: float = 10.0
+    target_rel_ci: float = 0.01
+    timeout_s: float = 120.0  # per request, session creation included; past it the worker is killed
+    memory_limit_mb: int | None = None  # address-space cap for the worker on the CPU (never on CUDA)
+    cache_path: str | None = None  # None: default_cache_path(); "" turns the cache off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise BadInputError(f"unknown device {self.device!r}: use cpu or cuda")
+        if self.opt_level not in OPT_LEVELS:
+            raise BadInputError(f"unknown optimisation level {self.opt_level!r}: use one of {', '.join(OPT_LEVELS)}")
+        if self.intra_op_threads < 1 or self.min_runs < 1 or self.max_runs < self.min_runs or self.timeout_s <= 0:
+            raise BadInputError("bad measurement settings: need threads >= 1, 1 <= min_runs <= max_runs, timeout > 0")
+
+    @property
+    def session(self) -> SessionSettings:
+        return SessionSettings(self.device, self.device_id, self.opt_level, self.intra_op_threads)
+
+    @property
+    def plan(self) -> TimingPlan:
+        return TimingPlan(
+            self.warmup_runs, self.min_runs, self.max_runs, self.max_seconds, self.target_rel_ci,
+            check_every=min(10, self.min_runs),
+        )
+
+    @property
+    def provider(self) -> str:
+        if self.device == "cuda":
+            return "CUDAExecutionProvider/iobinding"
+        return f"CPUExecutionProvider/t{self.intra_op_threads}"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Interleaved A/B timing: `ratio` is the median of per-pair time ratios B/A (< 1: B is faster)."""
+
+    ratio: float
+    low: float
+    high: float
+    runs: int
+    a: Latency
+    b: Latency
+    ok: bool = True
+    reason: str = ""
+
+    @property
+    def speedup(self) -> float:
+        """How much faster B is than A (A/B)."""
+        return 1.0 / self.ratio
+
+
+class WorkerFailure(Exception):
+    """The worker died or hung; the message says how. Not cached: the next attempt may succeed."""
+
+
+class MeasureWorker:
+    """One worker process (`python -m xrlflow.measure_worker`), reused across requests and replaced when it
+    dies or hangs. A fresh interpreter rather than multiprocessing's spawn: spawn re-imports the caller's
+    __main__, which breaks every script without a main guard."""
+
+    def __init__(self, memory_limit_mb: int | None = None) -> None:
+        self.memory_limit_mb = memory_limit_mb
+        self._process: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
+    def _start(self) -> None:
+        parent, child = socket.socketpair()
+        args = [sys.executable, "-m", "xrlflow.measure_worker", str(child.fileno()), str(self.memory_limit_mb or 0)]
+        try:
+            self._process = subprocess.Popen(args, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self._conn = Connection(parent.detach())
+
+    def request(self, job: TimingJob, timeout_s: float) -> tuple[str, Any]:
+        """Send a job; returns ("ok", result) or ("error", reason); raises WorkerFailure on death or hang."""
+        if self.pid is None:
+            self.stop()
+            self._start()
+        assert self._conn is not None and self._process is not None
+        try:
+            self._conn.send(job)
+            if not self._conn.poll(timeout_s):
+                self.stop()
+                raise WorkerFailure(f"timed out after {timeout_s:g} s")
+            return self._conn.recv()
+        except (EOFError, OSError):
+            try:
+                code: int | None = self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            self.stop()
+            raise WorkerFailure(_death_reason(code)) from None
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        try:
+            if process.poll() is None and conn is not None:
+                try:
+                    conn.send(None)
+                    process.wait(timeout=0.5)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=5)
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "the worker stopped answering"
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
+        if -exitcode == signal.SIGKILL:
+            return f"the worker was killed ({name}; out of memory?)"
+        return f"the worker crashed ({name})"
+    return f"the worker exited with code {exitcode}"
+
+
+def input_specs(graph: Graph) -> tuple[InputSpec, ...]:
+    """The graph's inputs with static shapes (load_graph binds symbolic dims via --input-shape)."""
+    specs = []
+    for name in graph.inputs:
+        t = graph.types.get(name)
+        if t is None or not t.is_static:
+            raise BadInputError(f"input {name!r} has no static shape: bind it with --input-shape")
+        specs.append(InputSpec(name, t.dtype, tuple(int(d) for d in t.shape)))  # type: ignore[union-attr]
+    return tuple(specs)
+
+
+def device_name(device: str, device_id: int = 0) -> str:
+    """A human-readable device name for the cache key (CPU model, or the GPU's name from nvidia-smi)."""
+    if device == "cuda":
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", f"--id={device_id}"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout.strip()
+            if out:
+                return out.splitlines()[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return f"cuda:{device_id}"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def ort_info() -> tuple[str, list[str]]:
+    import onnxruntime as ort
+
+    return ort.__version__, list(ort.get_available_providers())
+
+
+def _latency_from_samples(samples: np.ndarray) -> Latency:
+    med, low, high = median_ci(samples)
+    return Latency(med, low, high, len(samples), "measured")
+
+
+class MeasuredLatency:
+    """The measured `LatencyService`: onnxruntime end-to-end latency in a reusable worker, cached."""
+
+    def __init__(self, config: MeasureConfig = MeasureConfig(), cache: LatencyCache | None = None) -> None:
+        self.config = config
+        version, providers = ort_info()
+        if config.device == "cuda" and "CUDAExecutionProvider" not in providers:
+            raise BadInputError(NO_CUDA_MESSAGE)
+        self.ort_version = version
+        self.device = device_name(config.device, config.device_id)
+        self.name = f"measured:{config.device}:{config.opt_level}"
+        if cache is None and config.cache_path != "":
+            cache = LatencyCache(config.cache_path)
+        self.cache = cache
+        self.worker = MeasureWorker(config.memory_limit_mb if config.device == "cpu" else None)
+
+    def close(self) -> None:
+        self.worker.stop()
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> "MeasuredLatency":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cache_key(self, graph: Graph) -> CacheKey:
+        shapes = {s.name: s.shape for s in input_specs(graph)}
+        return CacheKey(
+            graph.structural_hash(), format_shapes(shapes), self.config.provider, self.device, self.ort_version,
+            self.config.opt_level,
+        )
+
+    # ---- the service --------------------------------------------------------------------------------------
+    def latency(self, graph: Graph) -> Latency:
+        key = self.cache_key(graph)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+        from xrlflow.onnx_io import graph_to_bytes
+
+        result = self.measure_model(graph_to_bytes(graph), input_specs(graph))
+        # Worker deaths and hangs are not cached (they can be the machine's fault); model errors are.
+        if self.cache is not None and (result.ok or not result.reason.startswith("worker:")):
+            self.cache.put(key, result)
+        return result
+
+    def measure_model(self, model: bytes, specs: tuple[InputSpec, ...], plan: TimingPlan | None = None) -> Latency:
+        """Time one serialised model (uncached); the cost model measures its per-kernel models through this."""
+        job = TimingJob((model,), (specs,), self.config.session, plan or self.config.plan, self.config.seed)
+        status, payload = self._request(job)
+        if status != "ok":
+            return Latency.failed(payload)
+        return _latency_from_samples(np.asarray(payload.samples_ms[0]))
+
+    def compare(self, graph_a: Graph, graph_b: Graph) -> Comparison:
+        """Interleaved A/B timing in one worker; the ratio is B/A with the 95% CI of its median."""
+        from xrlflow.onnx_io import graph_to_bytes
+
+        job = TimingJob(
+            (graph_to_bytes(graph_a), graph_to_bytes(graph_b)), (input_specs(graph_a), input_specs(graph_b)),
+            self.config.session, self.config.plan, self.config.seed,
+        )
+        status, payload = self._request(job)
+        if status != "ok":
+            failed = Latency.failed(payload)
+            return Comparison(float("nan"), float("nan"), float("nan"), 0, failed, failed, ok=False, reason=payload)
+        sa, sb = (np.asarray(s) for s in payload.samples_ms)
+        ratio, low, high = median_ci(sb / sa)
+        return Comparison(ratio, low, high, len(sa), _latency_from_samples(sa), _latency_from_samples(sb))
+
+    def _request(self, job: TimingJob) -> tuple[str, Any]:
+        try:
+            status, payload = self.worker.request(job, self.config.timeout_s)
+        except WorkerFailure as exc:
+            return "error", f"worker: {exc}"
+        if status == "ok" and not isinstance(payload, TimingResult):
+            return "error", "worker: malformed answer"
+        return status, payload
+
+
+__all__ = ["MeasureConfig", "MeasuredLatency", "Comparison", "MeasureWorker", "input_specs", "device_name", "NO_CUDA_MESSAGE"]

@@ -1,0 +1,242 @@
+"""What runs inside the measurement worker process: sessions, inputs, the timing loops, and their statistics.
+
+The parent (`xrlflow.measure`) sends a `TimingJob` over a pipe and receives `TimingResult` or an error line.
+Everything here is importable without side effects so that a spawn-started process can load it cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+# onnxruntime's GraphOptimizationLevel by the names the CLI and the cache use
+OPT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    device: str = "cpu"  # "cpu" or "cuda"
+    device_id: int = 0
+    opt_level: str = "ORT_ENABLE_ALL"
+    intra_op_threads: int = 1
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    warmup_runs: int = 10
+    min_runs: int = 20
+    max_runs: int = 2000
+    max_seconds: float = 10.0
+    target_rel_ci: float = 0.01  # stop when the 95% CI half-width of the median is within 1% of the median
+    check_every: int = 10
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    elem_type: int  # onnx.TensorProto elem type
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TimingJob:
+    """One model (adaptive timing) or two (interleaved A/B timing with both sessions alive)."""
+
+    models: tuple[bytes, ...]
+    inputs: tuple[tuple[InputSpec, ...], ...]
+    session: SessionSettings
+    plan: TimingPlan
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TimingResult:
+    samples_ms: tuple[tuple[float, ...], ...]  # per model, in run order (pairs line up for a comparison)
+    seconds: float
+
+
+# ---- statistics (pure numpy; also used by the parent) ----------------------------------------------------------
+def median_ci(samples: Sequence[float] | np.ndarray, z: float = Z95) -> tuple[float, float, float]:
+    """Median and its distribution-free 95% CI from order statistics (normal approximation to the binomial)."""
+    x = np.sort(np.asarray(samples, dtype=np.float64))
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    med = float(np.median(x))
+    half = z * math.sqrt(n) / 2.0
+    lo_rank = max(1, math.floor(n / 2.0 - half))  # 1-based ranks
+    hi_rank = min(n, math.ceil(n / 2.0 + half) + 1)
+    return med, float(x[lo_rank - 1]), float(x[hi_rank - 1])
+
+
+def relative_half_width(med: float, low: float, high: float) -> float:
+    if not med > 0:
+        return math.inf
+    return max(med - low, high - med) / med
+
+
+# ---- sessions ----------------------------------------------------------------------------------------------
+def random_feeds(specs: Sequence[InputSpec], seed: int) -> dict[str, np.ndarray]:
+    """Seeded random inputs: normal floats, small non-negative integers (valid ids and indices), random bools."""
+    import onnx
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(spec.elem_type)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, spec.shape).astype(bool)
+        else:
+            feeds[spec.name] = rng.integers(0, 8, spec.shape).astype(dtype)
+    return feeds
+
+
+class SessionRunner:
+    """An onnxruntime session with its inputs in place; on CUDA the inputs and outputs live on the device
+    (IO binding), so a timed run contains no host<->device copy."""
+
+    def __init__(self, model: bytes, specs: Sequence[InputSpec], settings: SessionSettings, seed: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings.opt_level)
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if settings.device == "cuda":
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": settings.device_id}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(model, options, providers=providers)
+        feeds = random_feeds(specs, seed)
+        self.cuda = settings.device == "cuda"
+        if self.cuda:
+            self.binding = self.session.io_binding()
+            self._device_inputs = []  # keep the OrtValues alive as long as the binding
+            for name, array in feeds.items():
+                value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", settings.device_id)
+                self._device_inputs.append(value)
+                self.binding.bind_ortvalue_input(name, value)
+            for out in self.session.get_outputs():
+                self.binding.bind_output(out.name, "cuda", settings.device_id)
+            self.binding.synchronize_inputs()
+        else:
+            self.feeds = feeds
+            self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self) -> None:
+        if self.cuda:
+            self.session.run_with_iobinding(self.binding)  # synchronises the CUDA stream before returning
+        else:
+            self.session.run(self.output_names, self.feeds)
+
+    def timed(self) -> float:
+        start = time.perf_counter_ns()
+        self.run()
+        return (time.perf_counter_ns() - start) / 1e6
+
+
+def time_single(runner: SessionRunner, plan: TimingPlan) -> list[float]:
+    for _ in range(plan.warmup_runs):
+        runner.run()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while True:
+        for _ in range(plan.check_every):
+            samples.append(runner.timed())
+        n = len(samples)
+        if n >= plan.min_runs and relative_half_width(*median_ci(samples)) <= plan.target_rel_ci:
+            return samples
+        if n >= plan.max_runs or time.perf_counter() - start >= plan.max_seconds:
+            return samples
+
+
+def time_interleaved(a: SessionRunner, b: SessionRunner, plan: TimingPlan) -> tuple[list[float], list[float]]:
+    """A B, B A, A B, ... so that drift and order effects hit both equally; stops on the CI of the B/A ratio."""
+    for _ in range(plan.warmup_runs):
+        a.run()
+        b.run()
+    sa: list[float] = []
+    sb: list[float] = []
+    start = time.perf_counter()
+    while True:
+        for _ in range(plan.check_every):
+            if len(sa) % 2 == 0:
+                ta = a.timed()
+                tb = b.timed()
+            else:
+                tb = b.timed()
+                ta = a.timed()
+            sa.append(ta)
+            sb.append(tb)
+        n = len(sa)
+        ratios = np.asarray(sb) / np.asarray(sa)
+        if n >= plan.min_runs and relative_half_width(*median_ci(ratios)) <= plan.target_rel_ci:
+            return sa, sb
+        if n >= plan.max_runs or time.perf_counter() - start >= plan.max_seconds:
+            return sa, sb
+
+
+def run_job(job: TimingJob) -> TimingResult:
+    start = time.perf_counter()
+    runners = [SessionRunner(m, specs, job.session, job.seed) for m, specs in zip(job.models, job.inputs)]
+    if len(runners) == 1:
+        samples: tuple[tuple[float, ...], ...] = (tuple(time_single(runners[0], job.plan)),)
+    elif len(runners) == 2:
+        sa, sb = time_interleaved(runners[0], runners[1], job.plan)
+        samples = (tuple(sa), tuple(sb))
+    else:
+        raise ValueError("a timing job holds one or two models")
+    return TimingResult(samples, time.perf_counter() - start)
+
+
+def _limit_memory(megabytes: int | None) -> None:
+    if not megabytes:
+        return
+    import resource
+
+    limit = megabytes * (1 << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def worker_main(conn: Any, memory_limit_mb: int | None) -> None:
+    """The worker loop: receive a job, answer ("ok", TimingResult) or ("error", one line); None ends it."""
+    _limit_memory(memory_limit_mb)
+    import onnxruntime  # noqa: F401  (load it once, before the first job's clock starts)
+
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        try:
+            conn.send(("ok", run_job(job)))
+        except MemoryError:
+            conn.send(("error", "out of memory"))
+        except Exception as exc:  # onnxruntime's load and run failures: the model is unrunnable here
+            message = str(exc).strip().splitlines()
+            line = next((m for m in message if m.strip()), type(exc).__name__)
+            if not isinstance(exc, RuntimeError) and "onnxruntime" not in type(exc).__module__:
+                line = f"{type(exc).__name__}: {line} ({traceback.extract_tb(exc.__traceback__)[-1].name})"
+            conn.send(("error", line[:500]))
+
+
+if __name__ == "__main__":
+    import sys
+    from multiprocessing.connection import Connection
+
+    # Run the imported module's loop, so results pickle as xrlflow.measure_worker.*, not __main__.*
+    from xrlflow.measure_worker import worker_main as module_worker_main
+
+    module_worker_main(Connection(int(sys.argv[1])), int(sys.argv[2]) or None)
