@@ -15,6 +15,14 @@ from xrlflow.rules.hoist_const_binary_above_split import (
     HoistConstBinaryAboveSplit, HoistConstBinaryOverConcat, SinkConstBinaryBelowSplit, SinkConstBinaryIntoConcat,
 )
 from xrlflow.rules.cancel_split_concat import CancelConcatSplit, CancelSliceConcat, CancelSplitConcat
+from xrlflow.rules.batch_shared_weight_matmul import BatchSharedWeightMatMul, UnbatchSharedWeightMatMul
+from xrlflow.rules.reassociate_matmul import ReassociateMatMul, SplitMatMulChain
+from xrlflow.rules.factor_matmul_add import ExpandMatMulAdd, ExpandMulAdd, FactorMatMulAdd, FactorMulAdd
+from xrlflow.rules.transpose_matmul import (
+    MoveTransposeAfterUnary, MoveTransposeBeforeUnary, TransposeMatMul, UntransposeMatMul,
+)
+from xrlflow.rules.fold_const_chain import FoldConstChain, FoldScaleIntoMatMul, UnfoldConstChain, UnfoldScaleFromMatMul
+from xrlflow.rules.reassociate_add import ReassociateAdd, ReassociateAddLeft
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -41,6 +49,24 @@ RULES: tuple[Rule, ...] = (
     CancelSplitConcat(),
     CancelConcatSplit(),
     CancelSliceConcat(),
+    BatchSharedWeightMatMul(),
+    UnbatchSharedWeightMatMul(),
+    ReassociateMatMul(),
+    SplitMatMulChain(),
+    FactorMatMulAdd(),
+    ExpandMatMulAdd(),
+    FactorMulAdd(),
+    ExpandMulAdd(),
+    TransposeMatMul(),
+    UntransposeMatMul(),
+    MoveTransposeBeforeUnary(),
+    MoveTransposeAfterUnary(),
+    FoldConstChain(),
+    UnfoldConstChain(),
+    FoldScaleIntoMatMul(),
+    UnfoldScaleFromMatMul(),
+    ReassociateAdd(),
+    ReassociateAddLeft(),
 )
 
 

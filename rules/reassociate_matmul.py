@@ -1,0 +1,132 @@
+"""reassociate-matmul / split-matmul-chain.
+
+(X@A)@B -> X@(A@B) for rank-2 A and B. When A and B are constants, A@B is a constant that onnxruntime folds at
+session creation, so one MatMul over the activation disappears (a low-rank or stacked projection pair becomes
+one projection). onnxruntime never re-associates MatMul chains itself. The reverse splits a chain again (it
+pays when A@B is much larger than A and B: a low-rank factorisation).
+
+`matmul_shape` lives here because every MatMul family needs numpy's MatMul shape rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+from xrlflow.engine import Rule
+from xrlflow.ir import Graph, Node, TensorType
+from xrlflow.rules.common import broadcast_shape, plain, sole_reader
+
+
+def matmul_shape(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...] | None:
+    """numpy's MatMul output shape (batch dims broadcast, rank-1 operands promoted then dropped); None if invalid."""
+    if not a or not b:
+        return None
+    a_vec, b_vec = len(a) == 1, len(b) == 1
+    a2 = (1, *a) if a_vec else tuple(a)
+    b2 = (*b, 1) if b_vec else tuple(b)
+    if a2[-1] != b2[-2]:
+        return None
+    batch = broadcast_shape(a2[:-2], b2[:-2])
+    if batch is None:
+        return None
+    out = batch + (a2[-2], b2[-1])
+    if b_vec:
+        out = out[:-1]
+    if a_vec:
+        out = out[:-2] + out[-1:] if not b_vec else out[:-1]
+    return tuple(int(d) for d in out)
+
+
+def computed(g: Graph, value: str) -> bool:
+    """A value known only at run time (rewriting constant subgraphs is pointless: they are folded anyway)."""
+    return not g.is_constant(value)
+
+
+def producer_op(g: Graph, value: str, op_type: str) -> Node | None:
+    """The plain producer of `value` when it is an `op_type` node."""
+    node = g.producer_of(value)
+    if node is None or node.op_type != op_type or not plain(node):
+        return None
+    return node
+
+
+def _rank2(g: Graph, value: str) -> bool:
+    shape = g.static_shape(value)
+    return shape is not None and len(shape) == 2
+
+
+class ReassociateMatMul(Rule):
+    name = "reassociate-matmul"
+    description = (
+        "(X@A)@B -> X@(A@B) for rank-2 A, B when X@A has no other reader. Pays directly when A and B are "
+        "constant (onnxruntime folds A@B: one GEMM over the activation fewer) or when A@B is small; "
+        "onnxruntime never re-associates MatMul chains."
+    )
+    reverse = "split-matmul-chain"
+
+    def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
+        for outer in g.by_op("MatMul"):
+            if not plain(outer) or not computed(g, outer.outputs[0]):
+                continue
+            inner = producer_op(g, outer.inputs[0], "MatMul")
+            if inner is None or sole_reader(g, inner.outputs[0]) is not outer:
+                continue
+            x, a = inner.inputs
+            b = outer.inputs[1]
+            if not (_rank2(g, a) and _rank2(g, b)) or len({g.dtype(x), g.dtype(a), g.dtype(b)}) != 1:
+                continue
+            x_shape, out_shape = g.static_shape(x), g.static_shape(outer.outputs[0])
+            ab = matmul_shape(g.static_shape(a), g.static_shape(b))  # type: ignore[arg-type]
+            if x_shape is None or ab is None or matmul_shape(x_shape, ab) != out_shape:
+                continue
+            yield (outer.name, inner.name), ()
+
+    def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
+        outer, inner = g.nodes[nodes[0]], g.nodes[nodes[1]]
+        x, a = inner.inputs
+        b = outer.inputs[1]
+        dtype = g.dtype(outer.outputs[0])
+        e = g.edit(self.name)
+        ab = e.add1("MatMul", [a, b], TensorType(dtype, matmul_shape(g.static_shape(a), g.static_shape(b))))
+        y = e.add1("MatMul", [x, ab], g.types[outer.outputs[0]])
+        e.replace_value(outer.outputs[0], y)
+        return e.commit()
+
+
+class SplitMatMulChain(Rule):
+    name = "split-matmul-chain"
+    description = (
+        "X@(A@B) -> (X@A)@B when the rank-2 weight A@B has no other reader. Reverse of reassociate-matmul; pays "
+        "when A@B is a low-rank product (fewer FLOPs through the thin middle) and lets the search undo a fold."
+    )
+    reverse = "reassociate-matmul"
+
+    def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
+        for outer in g.by_op("MatMul"):
+            if not plain(outer) or not computed(g, outer.outputs[0]):
+                continue
+            x, w = outer.inputs
+            inner = producer_op(g, w, "MatMul")
+            if inner is None or sole_reader(g, w) is not outer or not _rank2(g, w):
+                continue
+            a, b = inner.inputs
+            if not (_rank2(g, a) and _rank2(g, b)) or len({g.dtype(x), g.dtype(a), g.dtype(b)}) != 1:
+                continue
+            x_shape, out_shape = g.static_shape(x), g.static_shape(outer.outputs[0])
+            if x_shape is None:
+                continue
+            xa = matmul_shape(x_shape, g.static_shape(a))  # type: ignore[arg-type]
+            if xa is None or matmul_shape(xa, g.static_shape(b)) != out_shape:  # type: ignore[arg-type]
+                continue
+            yield (outer.name, inner.name), ()
+
+    def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
+        outer, inner = g.nodes[nodes[0]], g.nodes[nodes[1]]
+        x = outer.inputs[0]
+        a, b = inner.inputs
+        e = g.edit(self.name)
+        xa_shape = matmul_shape(g.static_shape(x), g.static_shape(a))  # type: ignore[arg-type]
+        xa = e.add1("MatMul", [x, a], TensorType(g.dtype(x), xa_shape))  # type: ignore[arg-type]
+        y = e.add1("MatMul", [xa, b], g.types[outer.outputs[0]])
+        e.replace_value(outer.outputs[0], y)
+        return e.commit()
