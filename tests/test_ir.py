@@ -224,3 +224,17 @@ def test_bound_symbolic_dims(tmp_path):
     assert g.static_shape("x") == (5, 8)
     # the export keeps the model's own symbolic declaration
     assert to_model(g).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_bound_dims_are_tracked_through_rewrites():
+    model = _qkv_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    g = load_graph(model, {"x": (5, 8)})
+    assert g.dim_is_bound("x", 0) and not g.dim_is_bound("x", 1)
+    mm = g.by_op("MatMul")[0]
+    assert g.dim_is_bound(mm.outputs[0], 0) and not g.dim_is_bound(mm.outputs[0], 1)
+    new = ENGINE.apply(g, matches_of(g, "merge-parallel-matmul")[0])
+    merged = new.by_op("MatMul")[0]
+    assert new.dim_is_bound(merged.outputs[0], 0)  # derived from a bound value: conservative on every axis
+    static = load_graph(_qkv_model())
+    assert not static.dim_is_bound("x", 0)

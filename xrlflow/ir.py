@@ -173,7 +173,7 @@ class Graph:
 
     __slots__ = (
         "nodes", "types", "initializers", "inputs", "outputs", "context",
-        "producer", "consumers", "constants", "next_id", "_cache",
+        "producer", "consumers", "constants", "next_id", "bound_dims", "_cache",
     )
 
     def __init__(
@@ -188,6 +188,7 @@ class Graph:
         consumers: dict[str, tuple[str, ...]],
         constants: frozenset[str] | set[str],
         next_id: int,
+        bound_dims: "BoundDims | None" = None,
     ) -> None:
         self.nodes = nodes  # name -> Node, in a stable order (the input model's, new nodes appended)
         self.types = types  # value name -> TensorType
@@ -199,6 +200,7 @@ class Graph:
         self.consumers = consumers  # value -> names of the nodes that read it (one entry per use)
         self.constants = constants  # values whose content is known before run time
         self.next_id = next_id  # counter for readable unique names of new nodes and values
+        self.bound_dims = bound_dims or BoundDims()  # which dims the user bound (symbolic in the model)
         self._cache: dict[str, Any] = {}  # per-graph memo (hash, topological order, matches)
 
     # ---- queries -------------------------------------------------------------------------------------------
@@ -354,6 +356,11 @@ class Graph:
         self._cache["hash"] = digest
         return digest
 
+    def dim_is_bound(self, value: str, axis: int) -> bool:
+        """True when this dim of `value` is symbolic in the model and only fixed by the user's --input-shape
+        binding: a rewrite must not bake such a dim into a constant (split sizes, reshapes)."""
+        return self.bound_dims.is_bound(value, axis)
+
     def memo(self) -> dict[str, Any]:
         """A per-graph memo table for derived data (lives and dies with this graph value)."""
         return self._cache
@@ -381,6 +388,35 @@ def _type_key(t: TensorType | None) -> Any:
     if t is None:
         return 0
     return (t.dtype, _stable_key(t.shape) if t.shape is not None else -1)
+
+
+@dataclass(frozen=True)
+class BoundDims:
+    """Dims that are symbolic in the model but bound for search and measurement.
+
+    `per_value` (values of the input model) maps a value to a flag per dim; values that rewrites create from
+    any such value are in `derived` and count as bound on every axis (conservative).
+    """
+
+    per_value: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
+    derived: frozenset[str] = frozenset()
+
+    def is_bound(self, value: str, axis: int) -> bool:
+        if value in self.derived:
+            return True
+        flags = self.per_value.get(value)
+        if not flags:
+            return False
+        return flags[axis] if -len(flags) <= axis < len(flags) else True
+
+    def touches(self, value: str) -> bool:
+        return value in self.derived or any(self.per_value.get(value, ()))
+
+    def extended(self, added: list["Node"], graph: "Graph") -> "BoundDims":
+        if not self.per_value:
+            return self
+        new = {out for n in added if any(self.touches(v) for v in n.inputs if v) for out in n.outputs}
+        return self if not new else BoundDims(self.per_value, self.derived | new)
 
 
 class GraphEdit:
@@ -551,7 +587,7 @@ class GraphEdit:
 
         return Graph(
             nodes, types, g.initializers, g.inputs, g.outputs, g.context, producer, consumers,
-            frozenset(constants), self.next_id,
+            frozenset(constants), self.next_id, g.bound_dims.extended(self.added, g),
         )
 
 

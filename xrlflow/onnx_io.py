@@ -13,7 +13,7 @@ import onnx.external_data_helper
 from onnx import numpy_helper
 
 from xrlflow.errors import BadInputError, GraphError
-from xrlflow.ir import PURE_OPS, Graph, ModelContext, Node, OpaqueAttribute, TensorType, make_attributes
+from xrlflow.ir import PURE_OPS, BoundDims, Graph, ModelContext, Node, OpaqueAttribute, TensorType, make_attributes
 
 MIN_OPSET = 13
 # Constant subgraphs that rewrites create are folded on export, except ops that can blow a tiny input up into
@@ -292,7 +292,10 @@ def load_graph(
         input_protos=tuple(v for v in graph.input if v.name not in initializers),
         output_protos=tuple(graph.output),
     )
-    g = Graph(nodes, types, initializers, inputs, outputs, context, producer, consumers, frozenset(), 0)
+    g = Graph(
+        nodes, types, initializers, inputs, outputs, context, producer, consumers, frozenset(), 0,
+        _bound_dims(model, input_shapes or {}, types),
+    )
     try:
         order = g.topological_order()
     except GraphError:
@@ -304,6 +307,34 @@ def load_graph(
             constants.update(v for v in node.outputs if v)
     g.constants = frozenset(constants)
     return g
+
+
+def _bound_dims(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]], types: dict[str, TensorType]) -> BoundDims:
+    """Which dims of which values follow from a symbolic input dim the user bound (see BoundDims)."""
+    if not input_shapes:
+        return BoundDims()
+    unbound = onnx.ModelProto()
+    _copy_without_weights(model, unbound)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(unbound, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = unbound
+    per_value: dict[str, tuple[bool, ...]] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = _tensor_type(vi.type)
+        bound = types.get(vi.name)
+        if t is None or t.shape is None or bound is None or bound.shape is None:
+            continue
+        flags = tuple(not isinstance(d, int) for d in t.shape)
+        if len(flags) == len(bound.shape) and any(flags):
+            per_value[vi.name] = flags
+    # Values whose symbolic shape inference could not tell at all are treated as bound on every dim.
+    known = {i.name for i in model.graph.initializer}
+    known |= {vi.name for vi in inferred.graph.value_info} | {vi.name for vi in inferred.graph.input}
+    for name, t in types.items():
+        if name not in per_value and name not in known and t.shape is not None:
+            per_value[name] = tuple(True for _ in t.shape)
+    return BoundDims(per_value, frozenset())
 
 
 def _attribute_proto(name: str, value: Any) -> onnx.AttributeProto:
