@@ -14,8 +14,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from xrlflow.engine import Rule
-from xrlflow.ir import Graph, Node
-from xrlflow.rules.common import constant_ints, ints_constant, plain
+from xrlflow.ir import Graph, Node, TensorType
+from xrlflow.rules.common import INT64, constant_ints, ints_constant, plain
 from xrlflow.rules.merge_parallel_conv import ConvSpec, conv_spec, resized_conv_attributes
 
 
@@ -66,8 +66,13 @@ class EnlargeConvKernel(Rule):
         e = g.edit(self.name)
         # Pad's pads: begins of every weight axis, then ends; the two channel axes stay as they are.
         pad_amounts = ints_constant(e, [0, 0] + half + [0, 0] + half)
+        # The zero fill is a Cast of an int constant, not a constant: onnxruntime's PadFusion (level 1, run
+        # before constant folding) fuses a Pad whose inputs are all constant into the Conv reading it without
+        # checking that it feeds the Conv's data input, which breaks the model when it feeds the weight. A
+        # computed fill keeps PadFusion off until ConstantFolding folds the Cast and the Pad together.
         w_type = g.types[spec.weight]
-        weight = e.add1("Pad", [spec.weight, pad_amounts], w_type.with_shape(spec.weight_shape[:2] + tuple(kernel)))
+        zero = e.add1("Cast", [e.add1("Constant", [], TensorType(INT64, ()), value_int=0)], TensorType(w_type.dtype, ()), to=w_type.dtype)
+        weight = e.add1("Pad", [spec.weight, pad_amounts, zero], w_type.with_shape(spec.weight_shape[:2] + tuple(kernel)))
         pads = tuple(p + half[i % spatial] for i, p in enumerate(spec.pads))
         inputs = [spec.x, weight] + ([spec.bias] if spec.bias is not None else [])
         y = e.add("Conv", inputs, [g.types[conv.outputs[0]]], resized_conv_attributes(conv, tuple(kernel), pads))[0]
@@ -83,7 +88,11 @@ def _symmetric_spatial_zero_pad(g: Graph, pad: Node, spatial: int) -> tuple[int,
     if len(pad.inputs) < 2 or len(pad.inputs) > 3 or not g.is_constant(pad.outputs[0]):
         return None  # an `axes` input (opset 18) is left out: rare on weights
     if len(pad.inputs) == 3 and pad.inputs[2]:
-        fill = g.constant_array(pad.inputs[2])
+        fill_value = pad.inputs[2]
+        cast = g.producer_of(fill_value)
+        if cast is not None and cast.op_type == "Cast" and plain(cast):
+            fill_value = cast.inputs[0]  # a cast zero is zero (the form enlarge-conv-kernel writes)
+        fill = g.constant_array(fill_value)
         if fill is None or fill.size != 1 or float(np.asarray(fill).reshape(-1)[0]) != 0.0:
             return None
     amounts = constant_ints(g, pad.inputs[1])
