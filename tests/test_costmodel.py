@@ -1,0 +1,157 @@
+"""The cost model: kernel grouping (onnxruntime's fusions), launch-aware ranking, tables, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.rulecheck import ModelBuilder, matches_of, ENGINE
+from xrlflow.costmodel import (
+    CPU_PROFILE, H200_PROFILE, CostModel, LinearCorrection, OpTable, build_op_table, group_kernels, kernel_key,
+    kernel_model, spearman,
+)
+from xrlflow.errors import BadInputError
+from xrlflow.latency import LatencyService
+from xrlflow.measure import MeasureConfig, MeasuredLatency
+from xrlflow.onnx_io import load_graph
+from xrlflow.verify import random_inputs, run_model
+
+
+def qkv_model(width: int = 256, seq: int = 32, bias: bool = True, const_chain: bool = False, identity: bool = False):
+    b = ModelBuilder(seed=1)
+    x = b.input("x", [1, seq, width])
+    outs = []
+    for _ in range(3):
+        w = b.const([width, width], scale=0.05)
+        if const_chain:  # a weight computed from constants only: folded by onnxruntime at session creation
+            w = b.op("Mul", [b.op("Add", [w, b.const([width, width])]), b.const([1], value=[0.5])])
+        if identity:
+            w = b.op("Identity", [w])
+        y = b.op("MatMul", [x, w])
+        if bias:
+            y = b.op("Add", [y, b.const([width])])
+        outs.append(y)
+    b.output(b.op("Add", [b.op("Add", [outs[0], outs[1]]), outs[2]]))
+    return b.model()
+
+
+def merged(graph):
+    found = matches_of(graph, "merge-parallel-matmul")
+    assert found
+    return ENGINE.apply(graph, found[0])
+
+
+def test_is_a_latency_service_and_deterministic():
+    graph = load_graph(qkv_model())
+    a, b = CostModel("cpu"), CostModel("cpu")
+    assert isinstance(a, LatencyService)
+    la, lb = a.latency(graph), b.latency(load_graph(qkv_model()))
+    assert la.ok and la.source == "cost-model" and la.ms > 0
+    assert la.ms == lb.ms == a.latency(graph).ms
+
+
+def test_constant_only_nodes_and_identity_cost_nothing():
+    for profile in ("cpu", "h200"):
+        model = CostModel(profile)
+        plain = model.latency(load_graph(qkv_model())).ms
+        assert model.latency(load_graph(qkv_model(const_chain=True))).ms == pytest.approx(plain)
+        assert model.latency(load_graph(qkv_model(identity=True))).ms == pytest.approx(plain)
+
+
+def test_matmul_with_bias_is_one_kernel_and_merging_removes_launches():
+    graph = load_graph(qkv_model())
+    kernels = group_kernels(graph, H200_PROFILE)
+    assert sum(k.ops == ("MatMul", "Add") for k in kernels) == 3
+    after = group_kernels(merged(graph), H200_PROFILE)
+    assert sum(k.ops == ("MatMul", "Add") for k in after) == 1
+    assert sum(not k.alias for k in after) < sum(not k.alias for k in kernels)
+
+
+def test_more_kernels_for_the_same_flops_cost_more_when_launches_dominate():
+    """Small batch on the H200 profile: the merged Q/K/V (one GEMM + Split) beats three GEMMs."""
+    graph = load_graph(qkv_model(width=256, seq=16))
+    h200 = CostModel("h200")
+    assert h200.latency(merged(graph)).ms < h200.latency(graph).ms
+    # the same FLOPs split over more kernels: one 64x128 projection vs two 64x64 projections
+    one, two = _projections(1), _projections(2)
+    assert h200.features(one)[2] == pytest.approx(h200.features(two)[2])  # FLOP term
+    assert h200.features(two)[1] == h200.features(one)[1] + 1  # kernel count
+    assert h200.latency(two).ms > h200.latency(one).ms
+
+
+def _projections(pieces: int):
+    b = ModelBuilder(seed=2)
+    x = b.input("x", [1, 8, 64])
+    b.output(*[b.op("MatMul", [x, b.const([64, 128 // pieces])]) for _ in range(pieces)])
+    return load_graph(b.model())
+
+
+def test_conv_fusions_follow_the_execution_provider():
+    b = ModelBuilder(seed=3)
+    x = b.input("x", [1, 8, 16, 16])
+    c = b.op("Conv", [x, b.const([8, 8, 3, 3])], pads=[1, 1, 1, 1])
+    s = b.op("Add", [c, x])
+    b.output(b.op("Relu", [s]))
+    graph = load_graph(b.model())
+    cpu = [k.ops for k in group_kernels(graph, CPU_PROFILE)]
+    gpu = [k.ops for k in group_kernels(graph, H200_PROFILE)]
+    assert cpu == [("Conv", "Add", "Relu")]
+    assert gpu == [("Conv",), ("Add",), ("Relu",)]
+
+
+def test_unknown_profile_is_bad_input():
+    with pytest.raises(BadInputError):
+        CostModel("tpu")
+
+
+def test_kernel_model_runs_and_computes_what_the_kernel_computes():
+    graph = load_graph(qkv_model(width=32, seq=4))
+    kernel = next(k for k in group_kernels(graph, CPU_PROFILE) if k.ops == ("MatMul", "Add"))
+    model, runtime = kernel_model(graph, kernel)
+    feeds = random_inputs(model)
+    (out,) = run_model(model, feeds)
+    mm, add = (graph.nodes[n] for n in kernel.nodes)
+    expected = feeds[mm.inputs[0]] @ graph.constant_array(mm.inputs[1]) + graph.constant_array(add.inputs[1])
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert [r[0] for r in runtime] == [mm.inputs[0]]
+    assert "MatMul" in kernel_key(graph, kernel) and "Add" in kernel_key(graph, kernel)
+
+
+def test_measured_table_is_used_and_survives_a_json_round_trip(tmp_path):
+    graph = load_graph(qkv_model(width=64, seq=8))
+    config = MeasureConfig(cache_path=str(tmp_path / "c.sqlite"), warmup_runs=2, min_runs=20, max_runs=200, max_seconds=0.5)
+    with MeasuredLatency(config) as measurer:
+        table = build_op_table([graph], measurer, "cpu")
+        assert measurer.cache.op_table(measurer.device)  # stored per device in the shared database
+    assert table.baseline_ms > 0 and len(table.entries) >= 2
+    path = tmp_path / "table.json"
+    table.save(path)
+    loaded = OpTable.load(path)
+    assert loaded == table
+    with_table = CostModel("cpu", table=loaded)
+    kernels = [k for k in group_kernels(graph, CPU_PROFILE) if not k.alias]
+    expected = sum(max(loaded.entries[kernel_key(graph, k)] - loaded.baseline_ms, 0) + CPU_PROFILE.launch_ms
+                   for k in kernels if kernel_key(graph, k) in loaded.entries)
+    assert expected > 0
+    assert with_table.latency(graph).ms >= expected
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(BadInputError):
+        OpTable.load(tmp_path / "bad.json")
+
+
+def test_linear_correction_recovers_a_linear_relation():
+    rng = np.random.default_rng(0)
+    features = np.column_stack([rng.uniform(1, 5, 50), rng.integers(10, 100, 50), np.ones(50)])
+    target = features @ np.array([1.5, 0.01, 0.2])
+    fit = LinearCorrection.fit(features, target)
+    np.testing.assert_allclose(fit.coefficients, [1.5, 0.01, 0.2], atol=1e-9)
+    corrected = CostModel("cpu", correction=LinearCorrection((2.0, 0, 0, 0, 0, 0)))
+    graph = load_graph(qkv_model())
+    assert corrected.latency(graph).ms == pytest.approx(2 * CostModel("cpu").latency(graph).ms)
+
+
+def test_spearman_with_ties():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [5, 5, 6, 7]) == pytest.approx(1.0)
+    assert -1 < spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) < 1
