@@ -24,6 +24,19 @@ def _batchable(g: Graph, node: Node) -> ConvSpec | None:
     return spec
 
 
+def _reached_members(g: Graph, start: str, members: set[str]) -> set[str]:
+    """The members that some path from node `start` leads to (Graph.reaches, for many targets at once)."""
+    stack = [c for v in g.nodes[start].outputs for c in g.consumers.get(v, ())]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        stack.extend(c for v in g.nodes[name].outputs for c in g.consumers.get(v, ()))
+    return seen & members
+
+
 class BatchSharedWeightConv(Rule):
     name = "batch-shared-weight-conv"
     description = (
@@ -44,13 +57,18 @@ class BatchSharedWeightConv(Rule):
             key = (g.constant_source(spec.weight), bias_source, spec.geometry, x_shape[1:], g.dtype(spec.x))  # type: ignore[index]
             groups[key].append((node, spec))
         for members in groups.values():
+            if len(members) < 2:
+                continue
             members.sort(key=lambda m: m[0].name)
+            names = {m[0].name for m in members}
+            # One traversal per member (not one per pair: a weight-tied chain of m convs would cost m^2 walks)
+            reached = {m[0].name: _reached_members(g, m[0].name, names) for m in members}
             for i, (first, first_spec) in enumerate(members):
                 for second, second_spec in members[i + 1:]:
                     if first_spec.x == second_spec.x:
                         continue  # the same activation twice: nothing to batch
-                    if g.reaches([first.name], [second.name]) or g.reaches([second.name], [first.name]):
-                        continue
+                    if second.name in reached[first.name] or first.name in reached[second.name]:
+                        continue  # one conv feeds the other: the batched conv would read its own output
                     yield (first.name, second.name), ()
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
