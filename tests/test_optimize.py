@@ -1,0 +1,136 @@
+"""`xrlflow optimize` end to end with the cost model: a verified model and a report, refusals of bad input
+(exit 2, nothing written, input untouched), and a deliberately broken rule caught by verification (exit 1,
+nothing written, the report names the rewrite)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.test_search import attention_like_model
+from xrlflow.cli import main
+from xrlflow.optimize import OptimizeConfig, VerificationError, optimize
+from xrlflow.verify import random_inputs, verify_models
+
+MERGE_RULES = "merge-parallel-matmul,split-merged-matmul"
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def model_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(attention_like_model(), path)
+    return path
+
+
+def _optimize(*args) -> int:
+    return main(["optimize", *map(str, args), "--latency", "cost", "--no-progress"])
+
+
+def test_optimize_writes_a_verified_model_and_report(model_file, tmp_path, capsys):
+    out, report_path, plot = tmp_path / "out.onnx", tmp_path / "report.json", tmp_path / "steps.png"
+    before = _digest(model_file)
+    rc = _optimize(model_file, "-o", out, "--search", "greedy", "--report", report_path, "--plot", plot)
+    assert rc == 0
+    assert _digest(model_file) == before
+    optimised = onnx.load(out)
+    onnx.checker.check_model(optimised, full_check=True)
+    original = onnx.load(model_file)
+    assert verify_models(original, optimised, seed=7).ok
+    report = json.loads(report_path.read_text())
+    assert report["written"] and report["verification"]["ok"]
+    assert report["rewrites"] and report["rewrites_by_rule"]["merge-parallel-matmul"] >= 1
+    first = report["rewrites"][0]
+    assert first["rule"] and first["bound_nodes"] and first["nodes_before"] and first["nodes_after"]
+    assert report["latency"]["after"]["ms"] < report["latency"]["before"]["ms"]
+    assert report["op_counts"]["after"]["MatMul"] < report["op_counts"]["before"]["MatMul"]
+    assert {o["name"] for o in report["verification"]["outputs"]} == {o.name for o in original.graph.output}
+    assert all(o["max_abs_error"] <= 1e-4 for o in report["verification"]["outputs"])
+    assert plot.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "merge-parallel-matmul" in printed
+
+
+def test_python_api_with_given_inputs(tmp_path):
+    model = attention_like_model()
+    feeds = random_inputs(model, seed=5)
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    result = optimize(model, OptimizeConfig(search="backtrack", latency="cost", budget=6, inputs=str(tmp_path / "feeds.npz")))
+    assert result.report["verification"]["inputs"].endswith("feeds.npz")
+    assert verify_models(model, result.model, feeds).ok
+    assert result.report["latency"]["speedup"] > 1.0
+
+
+def test_output_equal_to_input_is_refused(model_file, capsys):
+    before = _digest(model_file)
+    rc = _optimize(model_file, "-o", model_file.parent / "." / model_file.name, "--search", "greedy")
+    assert rc == 2
+    assert "input model" in capsys.readouterr().err
+    assert _digest(model_file) == before
+
+
+def test_corrupt_model_is_refused_and_nothing_is_written(tmp_path, capsys):
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x08\x07\x12\x04junk" + bytes(range(256)))
+    before = _digest(bad)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    rc = _optimize(bad, "-o", out, "--search", "greedy", "--report", report)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("xrlflow: error:") and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not report.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.onnx"]
+    assert _digest(bad) == before
+
+
+@pytest.mark.parametrize("extra", [
+    ["--policy", "no/such/checkpoint"],
+    ["--search", "greedy", "--inputs", "missing.npz"],
+    ["--search", "greedy", "--rules", "no-such-rule"],
+    ["--search", "greedy", "--input-shape", "nope=1x2"],
+])
+def test_bad_flags_exit_2_without_output(model_file, tmp_path, extra, capsys):
+    out = tmp_path / "out.onnx"
+    rc = _optimize(model_file, "-o", out, *extra)
+    assert rc == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_inputs_file_with_wrong_names_is_refused(model_file, tmp_path):
+    np.savez(tmp_path / "feeds.npz", not_an_input=np.zeros((8, 32), np.float32))
+    out = tmp_path / "out.onnx"
+    assert _optimize(model_file, "-o", out, "--search", "greedy", "--inputs", tmp_path / "feeds.npz") == 2
+    assert not out.exists()
+
+
+def test_a_broken_rewrite_is_caught_and_named(model_file, tmp_path, monkeypatch, capsys):
+    import xrlflow.rules.merge_parallel_matmul as family
+
+    real_concat = family.concat
+
+    def concat_weights_in_the_wrong_order(edit, g, values, axis):
+        # same shapes (all projections are square), so only the numbers tell: Q, K and V trade weights
+        return real_concat(edit, g, list(values)[::-1] if axis == 1 else list(values), axis)
+
+    monkeypatch.setattr(family, "concat", concat_weights_in_the_wrong_order)
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    rc = _optimize(model_file, "-o", out, "--search", "greedy", "--rules", MERGE_RULES, "--report", report_path)
+    assert rc == 1
+    assert not out.exists()
+    report = json.loads(report_path.read_text())
+    assert not report["written"] and not report["verification"]["ok"]
+    broken = report["broken_rewrite"]
+    assert broken["rule"] == "merge-parallel-matmul" and broken["index"] == 1
+    assert broken["bound_nodes"] == report["rewrites"][0]["bound_nodes"]
+    assert "merge-parallel-matmul" in capsys.readouterr().err
+
+    with pytest.raises(VerificationError) as caught:
+        optimize(str(model_file), OptimizeConfig(search="greedy", latency="cost", rules=tuple(MERGE_RULES.split(","))))
+    assert caught.value.report["broken_rewrite"]["rule"] == "merge-parallel-matmul"
