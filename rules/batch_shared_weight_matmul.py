@@ -21,6 +21,27 @@ def _rows_only_differ(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) >= 2 and a[:-2] == b[:-2] and a[-1] == b[-1]
 
 
+def _reached_by(g: Graph, tracked: list[str]) -> dict[str, int]:
+    """For each tracked node, a bit mask of the tracked nodes with a path to it (one topological pass).
+
+    Equivalent to calling Graph.reaches for every pair, which is quadratic in a weight's users times the graph
+    size (a weight tied across 300 layers took 28 s to match that way).
+    """
+    bit = {name: 1 << i for i, name in enumerate(tracked)}
+    reaches_node: dict[str, int] = {}  # node -> mask of tracked nodes it is, or that reach it
+    reached_by: dict[str, int] = {}
+    for name in g.topological_order():
+        mask = 0
+        for v in g.nodes[name].all_inputs:
+            p = g.producer.get(v)
+            if p is not None:
+                mask |= reaches_node[p]
+        if name in bit:
+            reached_by[name] = mask
+        reaches_node[name] = mask | bit.get(name, 0)
+    return reached_by
+
+
 class BatchSharedWeightMatMul(Rule):
     name = "batch-shared-weight-matmul"
     description = (
@@ -40,7 +61,11 @@ class BatchSharedWeightMatMul(Rule):
             if a_shape is None or w_shape is None or out_shape is None or len(a_shape) < 2 or len(w_shape) < 2:
                 continue
             by_weight.setdefault(g.constant_source(w), []).append(mm)
-        for members in by_weight.values():
+        groups = [members for members in by_weight.values() if len(members) > 1]
+        tracked = [n.name for members in groups for n in members]
+        reached_by = _reached_by(g, tracked) if tracked else {}
+        bit = {name: 1 << i for i, name in enumerate(tracked)}
+        for members in groups:
             for i, first in enumerate(members):
                 for second in members[i + 1:]:
                     a, b = first.inputs[0], second.inputs[0]
@@ -49,7 +74,7 @@ class BatchSharedWeightMatMul(Rule):
                     if not _rows_only_differ(g.static_shape(a), g.static_shape(b)):  # type: ignore[arg-type]
                         continue
                     # One MatMul feeding the other: the merged node would read its own output.
-                    if g.reaches([first.name], [second.name]) or g.reaches([second.name], [first.name]):
+                    if reached_by[second.name] & bit[first.name] or reached_by[first.name] & bit[second.name]:
                         continue
                     yield tuple(sorted((first.name, second.name))), ()
 

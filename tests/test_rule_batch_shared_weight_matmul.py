@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.rulecheck import FP32, ModelBuilder, assert_no_match, assert_rule_preserves
+from tests.rulecheck import FP32, ModelBuilder, assert_no_match, assert_rule_preserves, load_graph, matches_of
 from xrlflow.onnx_io import to_model
 from xrlflow.verify import verify_models
 
@@ -75,3 +75,21 @@ def test_near_miss_unbatch_split_sizes_differ():
     pieces = b.op("Split", [b.op("MatMul", [cat, b.const((4, 5))]), b.const(None, dtype=np.int64, value=[1, 4])], n_out=2, axis=0)
     b.output(*pieces)
     assert_no_match(b.model(), "unbatch-shared-weight-matmul")
+
+
+def test_dependent_pairs_left_out_exactly_as_graph_reaches_says():
+    b = ModelBuilder(8)
+    w = b.const((4, 4), scale=0.5)
+    h = b.input("x", [3, 4])
+    for _ in range(3):  # a weight tied across layers: every pair of this chain depends on each other
+        h = b.op("Relu", [b.op("MatMul", [h, w])])
+    side = b.op("MatMul", [b.input("y", [2, 4]), w])
+    b.output(h, side)
+    graph = load_graph(b.model())
+    matmuls = [n.name for n in graph.by_op("MatMul")]
+    independent = {
+        tuple(sorted((p, q))) for i, p in enumerate(matmuls) for q in matmuls[i + 1:]
+        if not graph.reaches([p], [q]) and not graph.reaches([q], [p])
+    }
+    assert len(independent) == 3
+    assert {m.nodes for m in matches_of(graph, "batch-shared-weight-matmul")} == independent
