@@ -114,6 +114,9 @@ class HoistConstBinaryAboveSplit(Rule):
                 piece_shape = g.static_shape(out)
                 if ops is None or piece_shape is None or g.static_shape(reader.outputs[0]) != piece_shape:
                     break
+                # Add(piece_0, piece_1) of a constant Split: one reader for two pieces, the "constant" is a piece
+                if ops[1] in node.outputs or any(r.name == reader.name for r in readers):
+                    break
                 aligned = _constant_fits(g, ops[1], piece_shape, g.dtype(x), axis, size)  # type: ignore[arg-type]
                 if aligned is None:
                     break

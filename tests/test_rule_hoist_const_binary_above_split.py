@@ -159,3 +159,13 @@ def test_sink_keeps_graph_output_names():
     (sunk,) = assert_rule_preserves(model, "sink-const-binary-below-split")
     assert sunk.outputs == load_graph(model).outputs
     assert all(sunk.producer_of(o).op_type == "Add" for o in sunk.outputs)
+
+
+def test_near_miss_pieces_of_a_constant_split_added_together():
+    # found by the property test: Split of a constant whose two pieces feed one Add (each "constant" operand
+    # is the other piece); hoisting would read the removed Split's outputs
+    b = ModelBuilder(19)
+    x = b.input("x", [2, 6])
+    w0, w1 = b.op("Split", [b.const((2, 6)), b.const(None, dtype=np.int64, value=[3, 3])], n_out=2, axis=1)
+    b.output(b.op("Mul", [x, b.op("Concat", [b.op("Add", [w0, w1]), b.const((2, 3))], axis=1)]))
+    assert_no_match(b.model(), "hoist-const-binary-above-split")
