@@ -50,8 +50,8 @@ class BatchSharedWeightConv(Rule):
         groups: dict[tuple[Any, ...], list[tuple[Node, ConvSpec]]] = defaultdict(list)
         for node in g.by_op("Conv"):
             spec = _batchable(g, node)
-            if spec is None:
-                continue
+            if spec is None or g.dim_is_bound(spec.x, 0):
+                continue  # a batch dim bound only by --input-shape must not be baked into the Split sizes
             bias_source = None if spec.bias is None else g.constant_source(spec.bias)
             x_shape = g.static_shape(spec.x)
             key = (g.constant_source(spec.weight), bias_source, spec.geometry, x_shape[1:], g.dtype(spec.x))  # type: ignore[index]

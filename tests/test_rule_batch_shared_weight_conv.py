@@ -102,3 +102,15 @@ def test_unbatch_near_miss_split_sizes_differ():
     y = b.op("Conv", [b.op("Concat", [a, c], axis=0), b.const([2, 3, 1, 1])])
     b.output(*b.op("Split", [y, b.const(None, value=[1, 3], dtype=np.int64)], n_out=2, axis=0))
     assert_no_match(b.model(), "unbatch-shared-weight-conv")
+
+
+def test_near_miss_batch_dim_bound_by_input_shape():
+    """A symbolic batch dim fixed only for search must not become a constant Split size."""
+    b = ModelBuilder(8)
+    a, c = b.input("a", ["n", 3, 8, 8]), b.input("c", [2, 3, 8, 8])
+    w = b.const([4, 3, 3, 3])
+    b.output(b.op("Conv", [a, w], pads=[1, 1, 1, 1]), b.op("Conv", [c, w], pads=[1, 1, 1, 1]))
+    model = b.model()
+    assert matches_of(load_graph(model, {"a": (1, 3, 8, 8)}), "batch-shared-weight-conv") == []
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # the same model with a static batch
+    assert len(matches_of(load_graph(model), "batch-shared-weight-conv")) == 1
