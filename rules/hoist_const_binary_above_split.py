@@ -104,6 +104,7 @@ class HoistConstBinaryAboveSplit(Rule):
             if sizes is None or len(sizes) != len(node.outputs) or min(sizes) <= 0 or sum(sizes) != x_shape[axis]:
                 continue
             readers: list[Node] = []
+            reader_names: set[str] = set()
             constants: list[str] = []
             aligned_axes: set[int] = set()
             for out, size in zip(node.outputs, sizes):
@@ -115,8 +116,9 @@ class HoistConstBinaryAboveSplit(Rule):
                 if ops is None or piece_shape is None or g.static_shape(reader.outputs[0]) != piece_shape:
                     break
                 # Add(piece_0, piece_1) of a constant Split: one reader for two pieces, the "constant" is a piece
-                if ops[1] in node.outputs or any(r.name == reader.name for r in readers):
+                if ops[1] in node.outputs or reader.name in reader_names:
                     break
+                reader_names.add(reader.name)
                 aligned = _constant_fits(g, ops[1], piece_shape, g.dtype(x), axis, size)  # type: ignore[arg-type]
                 if aligned is None:
                     break

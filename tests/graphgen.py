@@ -326,7 +326,7 @@ def random_model(seed: int, config: GraphGenConfig = GraphGenConfig()) -> onnx.M
 @dataclass
 class SequenceOutcome:
     applied: list[Match] = field(default_factory=list)
-    offered: int = 0  # matches applied while checking that no offered match raises
+    offered: dict[str, int] = field(default_factory=dict)  # per rule: offered matches applied to check none raises
     failure: str | None = None  # None when every check passed
     failed_step: int | None = None  # steps applied before the failure was seen (for minimisation)
 
@@ -345,7 +345,8 @@ def apply_picks(engine: RewriteEngine, graph: Graph, picks: list[int], outcome: 
                 outcome.failed_step = step
                 outcome.applied.append(m)
                 return None
-        outcome.offered += len(matches)
+        for m in matches:
+            outcome.offered[m.rule] = outcome.offered.get(m.rule, 0) + 1
         chosen = matches[pick % len(matches)]
         outcome.applied.append(chosen)
         graph = engine.apply(graph, chosen)
