@@ -119,8 +119,12 @@ def select_candidates(matches: Sequence[Match], limit: int, rule_order: Mapping[
 
 
 def _latency_is_measured(service: LatencyService) -> bool:
-    """A service declares `deterministic = True` (a cost model) or is treated as a noisy measurement."""
-    return not bool(getattr(service, "deterministic", False))
+    """A service is deterministic when it says so (`deterministic = True`) or names itself a cost model
+    (`xrlflow.costmodel.CostModel` is "cost-model:<profile>..."); anything else counts as a noisy measurement."""
+    declared = getattr(service, "deterministic", None)
+    if declared is not None:
+        return not declared
+    return not str(getattr(service, "name", "")).startswith("cost-model")
 
 
 class GraphRewriteEnv(gym.Env):

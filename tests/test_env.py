@@ -1,0 +1,239 @@
+"""The graph rewrite env's contract: checkers, masks vs the engine, candidate cap, truncation, bad actions."""
+
+from __future__ import annotations
+
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from tests.rulecheck import ModelBuilder
+from xrlflow.costmodel import CostModel
+from xrlflow.envs import ENV_ID, EnvConfig, GraphRewriteEnv, select_candidates
+from xrlflow.errors import BadInputError
+from xrlflow.latency import Latency
+from xrlflow.onnx_io import load_graph
+from xrlflow.rules import default_engine
+
+ENGINE = default_engine()
+SMALL = EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=10)
+
+
+def inception_pair():
+    """A 3x3 and a 1x1 conv on one input, concatenated (3x3 first)."""
+    b = ModelBuilder(0)
+    x = b.input("x", [1, 8, 4, 4])
+    y1 = b.op("Conv", [x, b.const((8, 8, 1, 1)), b.const((8,))], kernel_shape=[1, 1])
+    y3 = b.op("Conv", [x, b.const((8, 8, 3, 3)), b.const((8,))], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    b.output(b.op("Concat", [y3, y1], axis=1))
+    return load_graph(b.model())
+
+
+def projections(n: int = 3, seed: int = 1):
+    """Two groups of n MatMuls (+bias, Relu) sharing an input, and an input used twice with one weight."""
+    b = ModelBuilder(seed)
+    x = b.input("x", [4, 16])
+    y = b.input("y", [4, 16])
+    z = b.input("z", [4, 16])
+    outs = [b.op("Relu", [b.op("Add", [b.op("MatMul", [v, b.const((16, 8))]), b.const((8,))])])
+            for v in (x, y) for _ in range(n)]
+    w = b.const((16, 8))
+    outs += [b.op("MatMul", [z, w]), b.op("MatMul", [b.op("Relu", [z]), w])]
+    b.output(*outs)
+    return load_graph(b.model())
+
+
+def make_env(config: EnvConfig = SMALL, latency=None, **graphs):
+    graphs = graphs or {"pair": inception_pair(), "proj": projections()}
+    return GraphRewriteEnv(graphs, latency or CostModel("cpu"), config)
+
+
+def test_checkers_pass():
+    from gymnasium.utils.env_checker import check_env as gym_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SB3 recommends flattening 2-D observations; the GNN needs them
+        gym_check(make_env())
+        sb3_check(make_env())
+
+
+def test_registered_and_spec_determinism():
+    env = gym.make(ENV_ID, graphs={"pair": inception_pair()}, latency=CostModel("cpu"), config=SMALL)
+    assert env.spec.nondeterministic is False
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+
+    class Measured:  # stands for a measured service: no `deterministic`, not a cost model
+        name = "measured:cpu"
+
+        def latency(self, graph):
+            return Latency(1.0, 0.9, 1.1, 10, "measured")
+
+    env = gym.make(ENV_ID, graphs={"pair": inception_pair()}, latency=Measured(), config=SMALL)
+    assert env.spec.nondeterministic is True
+
+
+def _rows(graph):
+    return {name: i for i, name in enumerate(graph.topological_order())}
+
+
+def test_masks_and_candidates_match_engine():
+    env = make_env()
+    rng = np.random.default_rng(0)
+    for episode in range(4):
+        obs, info = env.reset(seed=episode, options={"model": episode % 2})
+        done = False
+        while not done:
+            matches = ENGINE.matches(env.graph)
+            n = len(matches)
+            mask = env.action_masks()
+            assert mask.dtype == bool and mask.shape == (SMALL.max_candidates + 1,)
+            assert mask[:n].all() and not mask[n:-1].any() and mask[-1]
+            assert obs["counts"].tolist() == [len(env.graph.nodes), obs["counts"][1], n]
+            rows = _rows(env.graph)
+            for i, m in enumerate(matches):
+                assert obs["candidate_rules"][i] == ENGINE.rule_index[m.rule]
+                bound = obs["candidate_nodes"][i]
+                assert bound[: len(m.nodes)].tolist() == [rows[v] for v in m.nodes][: SMALL.max_bound]
+                assert (bound[len(m.nodes):] == -1).all()
+            assert (obs["candidate_rules"][n:] == -1).all()
+            edges = int(obs["counts"][1])
+            assert edges == sum(1 for nd in env.graph.nodes.values() for v in nd.inputs if v in env.graph.producer)
+            assert (obs["edge_index"][:, edges:] == -1).all() and (obs["edge_index"][:, :edges] >= 0).all()
+            action = int(rng.choice(np.flatnonzero(mask)))
+            obs, reward, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+
+
+def test_reward_telescopes_and_best_graph_is_kept():
+    service = CostModel("cpu")
+    env = make_env(latency=service)
+    obs, info = env.reset(options={"model": "pair"})
+    l0 = service.latency(env.graph).ms
+    # enlarge (slower), merge (slower), cancel-split-concat (faster), then stop
+    total = 0.0
+    for rule in ("enlarge-conv-kernel", "merge-parallel-conv", "cancel-split-concat"):
+        slot = [m.rule for m in env.candidates].index(rule)
+        obs, reward, terminated, truncated, info = env.step(slot)
+        assert info["rule"] == rule and not truncated
+        total += reward
+    final = service.latency(env.graph).ms
+    assert total == pytest.approx(100.0 * (l0 - final) / l0)
+    assert info["speedup"] == pytest.approx(l0 / final) and info["speedup"] > 1.0
+    assert env.best_graph is env.graph and info["best_hash"] == env.graph.structural_hash()
+    if not terminated:
+        obs, reward, terminated, truncated, info = env.step(SMALL.max_candidates)  # stop
+        assert terminated and reward == 0.0 and not info["invalid_action"]
+    assert info["best_latency_ms"] == pytest.approx(final)
+
+
+def test_slower_rewrite_does_not_replace_best_graph():
+    env = make_env()
+    env.reset(options={"model": "pair"})
+    start = env.graph
+    obs, reward, *_ , info = env.step([m.rule for m in env.candidates].index("enlarge-conv-kernel"))
+    assert reward < 0 and env.best_graph is start and info["best_speedup"] == 1.0
+
+
+def test_truncation_is_flagged():
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=1))
+    env.reset(options={"model": "pair"})
+    obs, reward, terminated, truncated, info = env.step(0)  # enlarge-conv-kernel leaves candidates
+    assert info["num_candidates"] > 0
+    assert truncated and not terminated
+
+
+def test_masked_action_is_treated_as_stop():
+    env = make_env()
+    env.reset(options={"model": "pair"})
+    n = len(env.candidates)
+    obs, reward, terminated, truncated, info = env.step(n)  # first padding slot
+    assert terminated and not truncated and reward == 0.0 and info["invalid_action"]
+    env.reset(options={"model": "pair"})
+    obs, reward, terminated, truncated, info = env.step(SMALL.max_candidates)  # stop
+    assert terminated and not info["invalid_action"]
+
+
+def test_terminates_exactly_when_no_candidate_is_left():
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=50))
+    rng = np.random.default_rng(1)
+    for episode in range(6):
+        env.reset(seed=episode)
+        while True:
+            n = len(env.candidates)
+            obs, reward, terminated, truncated, info = env.step(int(rng.integers(n)) if n else 16)
+            if n == 0:
+                assert terminated
+                break
+            assert terminated == (info["num_candidates"] == 0)
+            if terminated or truncated:
+                break
+    b = ModelBuilder(3)
+    x = b.input("x", [2, 4])
+    b.output(b.op("Relu", [x]))
+    env = make_env(only=load_graph(b.model()))
+    obs, info = env.reset()
+    assert info["num_candidates"] == 0 and env.action_masks().tolist() == [False] * 16 + [True]
+
+
+def test_candidate_cap_round_robin_keeps_every_rule():
+    graph = projections(n=3)
+    matches = ENGINE.matches(graph)
+    rules = {m.rule for m in matches}
+    assert len(matches) > len(rules) >= 2, "the fixture must have more matches than rules"
+    cap = len(rules)
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=cap, max_steps=5), only=graph)
+    obs, info = env.reset()
+    assert info["candidates_dropped"] == len(matches) - cap
+    assert {m.rule for m in env.candidates} == rules
+    positions = [matches.index(m) for m in env.candidates]
+    assert positions == sorted(positions)  # engine order kept
+    assert select_candidates(matches, cap, ENGINE.rule_index) == env.candidates  # deterministic
+
+
+def test_failed_measurement_ends_episode_with_penalty():
+    class FailsAfterRewrite:
+        name = "flaky"
+        deterministic = True
+
+        def __init__(self, first):
+            self.first = first
+
+        def latency(self, graph):
+            if graph is self.first:
+                return Latency(1.0, 1.0, 1.0, 1, "cost-model")
+            return Latency.failed("session creation failed")
+
+    graph = inception_pair()
+    env = GraphRewriteEnv({"pair": graph}, FailsAfterRewrite(graph), SMALL)
+    env.reset()
+    obs, reward, terminated, truncated, info = env.step(0)
+    assert terminated and reward == SMALL.failure_penalty and info["measurement_failed"]
+    assert env.graph is graph and env.best_graph is graph
+
+
+def test_bad_input_is_reported_by_config_field():
+    with pytest.raises(BadInputError, match="max_nodes"):
+        make_env(EnvConfig(max_nodes=4, max_edges=128, max_candidates=4))
+    with pytest.raises(BadInputError, match="max_edges"):
+        make_env(EnvConfig(max_nodes=64, max_edges=2, max_candidates=4))
+    env = make_env()
+    with pytest.raises(BadInputError, match="unknown model"):
+        env.reset(options={"model": "nope"})
+    with pytest.raises(BadInputError, match="out of range"):
+        env.reset(options={"model": 7})
+    obs, info = env.reset(options={"model": "proj"})
+    assert info["model"] == "proj"
+
+
+def test_graph_growing_past_padding_ends_episode():
+    graph = projections(n=3)
+    fits = len(graph.nodes)
+    edges = sum(1 for nd in graph.nodes.values() for v in nd.inputs if v in graph.producer)
+    env = make_env(EnvConfig(max_nodes=fits, max_edges=edges, max_candidates=16), only=graph)
+    env.reset()
+    merge = [m.rule for m in env.candidates].index("merge-parallel-matmul")  # adds Concat/Split nodes
+    obs, reward, terminated, truncated, info = env.step(merge)
+    assert terminated and info["graph_too_large"] and env.graph is graph and reward == 0.0
