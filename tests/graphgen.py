@@ -27,7 +27,7 @@ ACTIVATIONS = ("Relu", "Sigmoid")
 @dataclass(frozen=True)
 class GraphGenConfig:
     min_blocks: int = 2
-    max_blocks: int = 6
+    max_blocks: int = 7
     max_width: int = 4  # MatMul output widths and Conv channel counts are drawn from 2..max_width
     extra_output_probability: float = 0.15  # an intermediate value also made a graph output
 
@@ -42,7 +42,8 @@ class _Builder:
     """Grows a random graph block by block from a pool of float values."""
 
     def __init__(self, seed: int, config: GraphGenConfig) -> None:
-        self.b = ModelBuilder(seed)
+        # opset 18 Splits may give num_outputs instead of sizes: both forms reach the rules
+        self.b = ModelBuilder(seed, opset=18 if seed % 3 == 0 else 17)
         self.rng = self.b.rng
         self.config = config
         self.pool: list[_Value] = []
@@ -206,7 +207,10 @@ class _Builder:
         axis = self.choice([i for i, d in enumerate(x.shape) if d >= 2])
         half = x.shape[axis] // 2
         sizes = [half, x.shape[axis] - half]
-        outs = self.b.op("Split", [self.use(x), self.ints(sizes)], n_out=2, axis=axis)
+        if self.b.opset >= 18 and sizes[0] == sizes[1]:
+            outs = self.b.op("Split", [self.use(x)], n_out=2, axis=axis, num_outputs=2)
+        else:
+            outs = self.b.op("Split", [self.use(x), self.ints(sizes)], n_out=2, axis=axis)
         act = self.choice(ACTIVATIONS) if self.chance(0.5) else None
         names = [self.b.op(act, [o]) for o in outs] if act else list(outs)
         self.emit(self.b.op("Concat", names, axis=axis), x.shape)
