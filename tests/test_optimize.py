@@ -134,3 +134,58 @@ def test_a_broken_rewrite_is_caught_and_named(model_file, tmp_path, monkeypatch,
     with pytest.raises(VerificationError) as caught:
         optimize(str(model_file), OptimizeConfig(search="greedy", latency="cost", rules=tuple(MERGE_RULES.split(","))))
     assert caught.value.report["broken_rewrite"]["rule"] == "merge-parallel-matmul"
+
+
+# ---- the policy path -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    """A policy trained for a handful of steps (its quality is beside the point: the wiring is tested)."""
+    from xrlflow.costmodel import CostModel
+    from xrlflow.onnx_io import load_graph
+    from xrlflow.train import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("policy")
+    config = TrainConfig(
+        models=("attention-like",), steps=16, num_envs=1, n_steps=16, batch_size=8, n_epochs=1, max_steps=4,
+        hidden=8, layers=1, checkpoint_every=16, run_name="tiny", checkpoints_dir=str(folder / "checkpoints"),
+        runs_dir=str(folder / "runs"), progress=False,
+    )
+    train(config, graphs=[("attention-like", load_graph(attention_like_model()))], latency=CostModel("cpu"))
+    return folder / "checkpoints" / "tiny"
+
+
+def test_policy_optimize_end_to_end(model_file, tmp_path, tiny_policy):
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    rc = _optimize(model_file, "-o", out, "--policy", tiny_policy, "--rollouts", "2", "--steps", "4", "--report", report_path)
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    assert report["method"].startswith("policy") and report["verification"]["ok"]
+    assert report["latency"]["after"]["ms"] <= report["latency"]["before"]["ms"]
+    assert {r["rollout"] for r in report["history"]} <= {0, 1, 2}
+    assert verify_models(onnx.load(model_file), onnx.load(out)).ok
+
+
+def _fake_checkpoint(folder, fingerprint: str, policy_bytes: bytes):
+    folder.mkdir()
+    (folder / "policy.zip").write_bytes(policy_bytes)
+    (folder / "run.json").write_text(json.dumps({"rule_fingerprint": fingerprint, "env_config": {}}))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["corrupt", "other-registry", "no-metadata"])
+def test_unusable_policy_exits_2_and_writes_nothing(model_file, tmp_path, case, capsys, tiny_policy):
+    from xrlflow.rules import RULE_FINGERPRINT
+
+    if case == "corrupt":
+        policy = _fake_checkpoint(tmp_path / "ckpt", RULE_FINGERPRINT, b"PK\x03\x04 this is not a zip archive")
+    elif case == "other-registry":
+        policy = _fake_checkpoint(tmp_path / "ckpt", "0123456789abcdef", (tiny_policy / "policy.zip").read_bytes())
+    else:
+        policy = tmp_path / "ckpt"
+        policy.mkdir()
+        (policy / "policy.zip").write_bytes((tiny_policy / "policy.zip").read_bytes())
+    out = tmp_path / "out.onnx"
+    rc = _optimize(model_file, "-o", out, "--policy", policy, "--report", tmp_path / "r.json")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("xrlflow: error:") and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "r.json").exists()

@@ -182,9 +182,12 @@ def _search(
         steps=config.steps, rollouts=max(1, config.rollouts), budget=config.budget, alpha=config.alpha, seed=config.seed,
     )
     if config.policy is not None:
-        from xrlflow.policy_search import policy_search  # noqa: F401  (wired when the agent's API lands)
-
-        return policy_search(config.policy, graph, engine, service, search_config)
+        bar = _progress_bar(config, config.steps * (config.rollouts + 1), "policy")
+        try:
+            return policy_search(config.policy, graph, engine, service, config, bar)
+        finally:
+            if bar is not None:
+                bar.close()
     total = {"greedy": config.steps, "backtrack": config.budget, "random": config.steps * search_config.rollouts}
     bar = _progress_bar(config, total[config.search], config.search)
     on_step: Callable[[StepRecord], None] | None = None
@@ -197,6 +200,85 @@ def _search(
     finally:
         if bar is not None:
             bar.close()
+
+
+class RuleFilteredEngine(RewriteEngine):
+    """The full registry's action layout (what a policy was trained on) offering only the allowed rules' matches."""
+
+    def __init__(self, rules, allowed: set[str]) -> None:
+        super().__init__(rules)
+        self.allowed = frozenset(allowed)
+
+    def matches(self, graph: Graph) -> list[Match]:
+        return [m for m in super().matches(graph) if m.rule in self.allowed]
+
+
+def _policy_env_config(trained, graph: Graph, engine: RewriteEngine, steps: int):
+    """The trained env config (its op vocabulary fixes the feature layout) padded to fit this model.
+
+    The policy scores each candidate on its own, so any padding works; room is left for rewrites that add
+    nodes (Concat/Split of merges)."""
+    import dataclasses
+
+    edges = sum(1 for n in graph.nodes.values() for v in n.inputs if v and v in graph.producer)
+    return dataclasses.replace(
+        trained,
+        max_nodes=max(trained.max_nodes, 2 * len(graph) + 64),
+        max_edges=max(trained.max_edges, 2 * edges + 128),
+        max_candidates=max(trained.max_candidates, len(engine.matches(graph))),
+        max_steps=max(1, steps),
+    )
+
+
+def policy_search(
+    policy_path: str, graph: Graph, engine: RewriteEngine, service: LatencyService, config: OptimizeConfig, bar=None,
+) -> SearchResult:
+    """The policy's greedy (deterministic) rollout plus `config.rollouts` sampled ones; the fastest graph on any
+    rollout wins (the input included, so the result is never slower than it under the latency service)."""
+    import torch
+
+    from xrlflow.agents import load_policy
+    from xrlflow.envs import GraphRewriteEnv
+    from xrlflow.rules import RULES
+    from xrlflow.search import TimedLatency, finish_result
+
+    policy_device = "cuda" if config.device == "cuda" and torch.cuda.is_available() else "cpu"
+    policy = load_policy(policy_path, device=policy_device)
+    started = time.perf_counter()  # decision time starts after loading the checkpoint
+    if engine.fingerprint != policy.rule_fingerprint:
+        # --rules/--disable-rules: keep the trained action layout, offer only the selected rules' matches
+        engine = RuleFilteredEngine(RULES, {r.name for r in engine.rules})
+    if engine.fingerprint != policy.rule_fingerprint:
+        raise BadInputError(f"--policy {policy_path}: trained on another rule registry")
+    timed = TimedLatency(service)
+    env = GraphRewriteEnv([("model", graph)], timed, _policy_env_config(policy.env_config, graph, engine, config.steps), engine)
+    initial_latency = timed.latency(graph)
+    best, best_latency, best_path = graph, initial_latency, []
+    history: list[StepRecord] = []
+    step_count = 0
+    seen = {graph.structural_hash()}
+    for rollout in range(config.rollouts + 1):
+        deterministic = rollout == 0
+        rng = np.random.default_rng([config.seed, rollout])
+        obs, info = env.reset(seed=config.seed, options={"model": 0})
+        done = False
+        while not done:
+            action = policy.act(obs, env.action_masks(), deterministic=deterministic, rng=rng)
+            candidates = len(env.candidates)
+            obs, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+            if info["rule"] is None or info.get("measurement_failed") or info.get("graph_too_large"):
+                continue  # stop, or a rewrite the env did not take
+            step_count += 1
+            seen.add(env.graph.structural_hash())
+            if env.current_latency.ms < best_latency.ms:
+                best, best_latency, best_path = env.graph, env.current_latency, env.applied
+            record = StepRecord(step_count, env.current_latency.ms, best_latency.ms, candidates, rollout)
+            history.append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(best_ms=f"{best_latency.ms:.3f}")
+    return finish_result("policy", graph, best, initial_latency, best_latency, best_path, history, timed, started, len(seen))
 
 
 def optimize(

@@ -79,16 +79,26 @@ class SearchResult:
 StepCallback = Callable[[StepRecord], None]
 
 
-class _Evaluator:
-    """Latency lookups for one search: deduplicated by structural hash, timed apart from everything else."""
+class TimedLatency:
+    """A latency service wrapper for one search: deduplicated by structural hash, timed apart from the rest.
+
+    It is itself a `LatencyService` (the RL env can be handed one); other attributes of the wrapped service
+    (per-node costs, `compare`) pass through.
+    """
 
     def __init__(self, service: LatencyService) -> None:
         self.service = service
+        self.name = service.name
         self.known: dict[str, Latency] = {}
         self.seconds = 0.0
         self.calls = 0
 
-    def __call__(self, graph: Graph) -> Latency:
+    def __getattr__(self, attribute: str):
+        if attribute == "service":  # not set yet (copy/pickle): never recurse
+            raise AttributeError(attribute)
+        return getattr(self.service, attribute)
+
+    def latency(self, graph: Graph) -> Latency:
         key = graph.structural_hash()
         cached = self.known.get(key)
         if cached is not None:
@@ -101,6 +111,8 @@ class _Evaluator:
         self.calls += 1
         self.known[key] = result
         return result
+
+    __call__ = latency
 
 
 def _ms(latency: Latency) -> float:
@@ -133,7 +145,7 @@ def greedy_search(
 ) -> SearchResult:
     """Apply the best immediate improvement until no match improves (or `steps` rewrites were applied)."""
     started = time.perf_counter()
-    evaluate = _Evaluator(service)
+    evaluate = TimedLatency(service)
     initial_latency = evaluate(graph)
     current, current_latency = graph, initial_latency
     applied: list[Match] = []
@@ -155,7 +167,7 @@ def greedy_search(
         history.append(record)
         if on_step:
             on_step(record)
-    return _result("greedy", graph, current, initial_latency, current_latency, applied, history, evaluate, started, len(seen))
+    return finish_result("greedy", graph, current, initial_latency, current_latency, applied, history, evaluate, started, len(seen))
 
 
 def backtracking_search(
@@ -172,7 +184,7 @@ def backtracking_search(
     the search may pass through slower graphs to reach faster ones. Stops after `budget` expansions.
     """
     started = time.perf_counter()
-    evaluate = _Evaluator(service)
+    evaluate = TimedLatency(service)
     initial_latency = evaluate(graph)
     best, best_latency, best_path = graph, initial_latency, []
     order = 0  # tie-breaker: first queued first
@@ -203,7 +215,7 @@ def backtracking_search(
         history.append(record)
         if on_step:
             on_step(record)
-    return _result("backtrack", graph, best, initial_latency, best_latency, best_path, history, evaluate, started, len(seen))
+    return finish_result("backtrack", graph, best, initial_latency, best_latency, best_path, history, evaluate, started, len(seen))
 
 
 def random_search(
@@ -216,7 +228,7 @@ def random_search(
     """`rollouts` random walks of up to `steps` uniformly chosen rewrites each; the best graph on any walk wins."""
     started = time.perf_counter()
     rng = random.Random(config.seed)
-    evaluate = _Evaluator(service)
+    evaluate = TimedLatency(service)
     initial_latency = evaluate(graph)
     best, best_latency, best_path = graph, initial_latency, []
     history: list[StepRecord] = []
@@ -247,12 +259,12 @@ def random_search(
             history.append(record)
             if on_step:
                 on_step(record)
-    return _result("random", graph, best, initial_latency, best_latency, best_path, history, evaluate, started, len(seen))
+    return finish_result("random", graph, best, initial_latency, best_latency, best_path, history, evaluate, started, len(seen))
 
 
-def _result(
+def finish_result(
     method: str, initial: Graph, best: Graph, initial_latency: Latency, best_latency: Latency,
-    applied: Sequence[Match], history: list[StepRecord], evaluate: _Evaluator, started: float, graphs_seen: int,
+    applied: Sequence[Match], history: list[StepRecord], evaluate: TimedLatency, started: float, graphs_seen: int,
 ) -> SearchResult:
     total = time.perf_counter() - started
     return SearchResult(
@@ -285,6 +297,6 @@ def run_search(
 
 
 __all__ = [
-    "SEARCH_METHODS", "SearchConfig", "SearchResult", "StepRecord", "greedy_search", "backtracking_search",
+    "SEARCH_METHODS", "SearchConfig", "SearchResult", "StepRecord", "TimedLatency", "finish_result", "greedy_search", "backtracking_search",
     "random_search", "run_search",
 ]
