@@ -9,16 +9,18 @@ BUILDER_VERSION and every parameter, so only the first export of a configuration
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -1070,15 +1072,13 @@ def _save_atomically(model: onnx.ModelProto, path: Path) -> None:
         os.replace(tmp_model, path)
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path` to write; on success it atomically replaces `path`."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+        tmp_path = Path(tmp) / path.name
+        yield tmp_path
+        os.replace(tmp_path, path)
 
 
 def cached_export_path(config: ModelConfig, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -1099,7 +1099,8 @@ def cached_export_path(config: ModelConfig, cache_dir: str | os.PathLike[str] | 
         "params": sum(p.numel() for p in built.module.parameters()),
         "export_seconds": round(time.perf_counter() - started, 3),
     }
-    _write_text_atomically(path.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    with _replacing(path.with_suffix(".json")) as summary_path:
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
 
 
@@ -1144,14 +1145,8 @@ def export_model_to_file(
     if source.with_name(source.name + ".data").is_file():
         _save_atomically(onnx.load(str(source)), target)
     else:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".onnx")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(source.read_bytes())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _replacing(target) as tmp_target:
+            shutil.copyfile(source, tmp_target)
     return target
 
 
@@ -1184,7 +1179,7 @@ def format_model_table(small: bool = False, cache_dir: str | os.PathLike[str] | 
     for entry in _ENTRIES:
         config = resolve_config(entry.name, small)
         summary = cached_summary(config, cache_dir)
-        shape = entry.default_shape if not small else ", ".join(s.shape_text() for s in input_specs(config))
+        shape = ", ".join(spec.shape_text() for spec in input_specs(config))
         nodes = str(summary["nodes"]) if summary else "-"
         rows.append((entry.name, _format_count(count_parameters(config)), nodes, shape, entry.description))
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
