@@ -1,0 +1,214 @@
+"""Calibrate the cost model against measured end-to-end latency on random rewrite sequences.
+
+For each model: random sequences of 1-8 rule applications (matches picked uniformly from
+xrlflow.rules.default_engine()), deduplicated by structural hash, each measured with MeasuredLatency and
+estimated by CostModel. Reports Spearman rank correlation (per model, where it matters for a search, and
+pooled) for the plain sum, the measured-table variant (TASO-style per-kernel timings, --table) and the
+linear correction (fitted on even-indexed graphs, evaluated on odd-indexed ones, so the number is held out).
+
+    .venv/bin/python bench/calibrate_costmodel.py                       # CPU, writes the results file
+    .venv/bin/python bench/calibrate_costmodel.py --device cuda --profile h200 --table \\
+        --export-table $OUT/h200_cuda.json --out $OUT/costmodel_calibration_cuda.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xrlflow.costmodel import FEATURE_NAMES, CostModel, LinearCorrection, OpTable, build_op_table, spearman
+from xrlflow.ir import Graph
+from xrlflow.measure import MeasureConfig, MeasuredLatency
+from xrlflow.onnx_io import load_graph
+from xrlflow.rules.registry import default_engine
+
+DEFAULT_MODELS = ("bert-base:small", "inception-v3:small", "squeezenet:small")
+
+
+@dataclass
+class Sample:
+    model: str
+    steps: int
+    rules: str
+    graph: Graph
+    measured_ms: float = float("nan")
+    low_ms: float = float("nan")
+    high_ms: float = float("nan")
+
+
+def load_model(spec: str) -> Graph:
+    """`name` or `name:small` from the zoo; falls back to bench-built graphs when the zoo is unavailable."""
+    name, _, size = spec.partition(":")
+    try:
+        from xrlflow import zoo
+
+        return load_graph(zoo.export_model(name, small=size == "small"))
+    except ImportError:
+        return load_graph(fallback_model(name))
+
+
+def fallback_model(name: str):
+    """A BERT-like block stack (parallel Q/K/V) or an Inception-like conv block, built with onnx.helper."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.rulecheck import ModelBuilder
+
+    b = ModelBuilder(seed=0)
+    if "bert" in name:
+        x = b.input("x", [1, 64, 128])
+        for _ in range(2):
+            q, k, v = (b.op("Add", [b.op("MatMul", [x, b.const([128, 128], 0.05)]), b.const([128])]) for _ in range(3))
+            scores = b.op("Softmax", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 1])])], axis=-1)
+            x = b.op("LayerNormalization", [b.op("Add", [x, b.op("MatMul", [scores, v])]), b.const([128]), b.const([128])], axis=-1)
+        b.output(x)
+    else:
+        x = b.input("x", [1, 64, 28, 28])
+        branches = [b.op("Relu", [b.op("Conv", [x, b.const([32, 64, 1, 1], 0.1), b.const([32])])]) for _ in range(4)]
+        b.output(b.op("Concat", branches, axis=1))
+    return b.model()
+
+
+def random_sequences(name: str, graph: Graph, count: int, rng: random.Random, max_steps: int = 8) -> list[Sample]:
+    engine = default_engine()
+    seen = {graph.structural_hash()}
+    samples = [Sample(name, 0, "", graph)]
+    attempts = 0
+    while len(samples) < count and attempts < count * 20:
+        attempts += 1
+        g, rules = graph, []
+        for _ in range(rng.randint(1, max_steps)):
+            matches = engine.matches(g)
+            if not matches:
+                break
+            m = rng.choice(matches)
+            g = engine.apply(g, m)
+            rules.append(m.rule)
+        h = g.structural_hash()
+        if rules and h not in seen:
+            seen.add(h)
+            samples.append(Sample(name, len(rules), ",".join(rules), g))
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    p.add_argument("--per-model", type=int, default=70, help="distinct graphs per model (the original included)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--profile", default="cpu", help="cost-model profile (cpu, h200)")
+    p.add_argument("--max-seconds", type=float, default=1.0, help="timing cap per graph")
+    p.add_argument("--table", action="store_true", help="also measure per-kernel tables and report that variant")
+    p.add_argument("--load-table", help="use this per-kernel table (JSON) instead of measuring one")
+    p.add_argument("--export-table", help="write the measured per-kernel table to this JSON file")
+    p.add_argument("--cache-path", default=None, help="latency cache file (default: the user cache)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results markdown (default bench/results/costmodel_calibration_<device>.md)")
+    p.add_argument("--json", default=None, help="also write every sample as JSON here")
+    args = p.parse_args(argv)
+
+    rng = random.Random(args.seed)
+    started = time.time()
+    samples: list[Sample] = []
+    for spec in args.models:
+        base = load_model(spec)
+        samples += random_sequences(spec, base, args.per_model, rng)
+        print(f"{spec}: {len(base.nodes)} nodes, {sum(s.model == spec for s in samples)} distinct graphs", flush=True)
+
+    config = MeasureConfig(device=args.device, max_seconds=args.max_seconds, cache_path=args.cache_path, seed=args.seed)
+    with MeasuredLatency(config) as measurer:
+        for i, s in enumerate(samples):
+            result = measurer.latency(s.graph)
+            if result.ok:
+                s.measured_ms, s.low_ms, s.high_ms = result.ms, result.low_ms, result.high_ms
+            if i % 25 == 0:
+                print(f"measured {i + 1}/{len(samples)}", flush=True)
+        table = None
+        if args.load_table:
+            table = OpTable.load(args.load_table)
+        elif args.table or args.export_table:
+            table = build_op_table([s.graph for s in samples], measurer, args.profile)
+            if args.export_table:
+                table.save(args.export_table)
+        device_label = measurer.device
+        ort_version = measurer.ort_version
+        provider = config.provider
+
+    ok = [s for s in samples if np.isfinite(s.measured_ms)]
+    measured = np.array([s.measured_ms for s in ok])
+    plain = CostModel(args.profile)
+    variants: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    variants["plain sum (analytic)"] = [plain.latency(s.graph).ms for s in ok]
+    estimate_ms = (time.perf_counter() - t0) / max(len(ok), 1) * 1e3
+    if table is not None:
+        tabled = CostModel(args.profile, table=table)
+        variants["per-kernel table"] = [tabled.latency(s.graph).ms for s in ok]
+    corrected_note = ""
+    for label, base_model in [("plain sum (analytic)", plain)] + ([("per-kernel table", tabled)] if table is not None else []):
+        feats = np.array([base_model.features(s.graph) for s in ok])
+        train = np.arange(len(ok)) % 2 == 0
+        fit = LinearCorrection.fit(feats[train], measured[train])
+        corrected = np.maximum(feats @ np.array(fit.coefficients), 1e-6)
+        corrected[train] = np.nan  # report held-out graphs only
+        variants[f"{label} + linear correction (held out)"] = list(corrected)
+        corrected_note += f"\n- correction on {label}: " + ", ".join(f"{n}={c:.4g}" for n, c in zip(FEATURE_NAMES, fit.coefficients))
+
+    rows = []
+    for label, est in variants.items():
+        est_arr = np.array(est)
+        keep = np.isfinite(est_arr)
+        per_model = []
+        for spec in args.models:
+            idx = np.array([s.model == spec for s in ok]) & keep
+            per_model.append(spearman(est_arr[idx], measured[idx]) if idx.sum() > 2 else float("nan"))
+        rows.append((label, spearman(est_arr[keep], measured[keep]), per_model, int(keep.sum())))
+
+    spreads = {spec: (lambda m: (m.max() / m.min()) if len(m) else float("nan"))(
+        np.array([s.measured_ms for s in ok if s.model == spec])) for spec in args.models}
+    ci = np.array([(s.high_ms - s.low_ms) / 2 / s.measured_ms for s in ok])
+    command = "python bench/calibrate_costmodel.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        f"# Cost-model calibration ({args.device}, profile {args.profile})",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- machine: {device_label} ({platform.machine()}, {platform.system()}), {provider}, onnxruntime {ort_version}",
+        f"- command: `{command.strip()}`",
+        f"- graphs: {len(samples)} distinct ({len(ok)} measured ok) from random 1-8 step rewrite sequences over "
+        f"{', '.join(args.models)}; wall time {time.time() - started:.0f} s",
+        f"- measurement: median of adaptive runs, CI target 1%, cap {args.max_seconds} s per graph; achieved median "
+        f"relative CI half-width {np.median(ci) * 100:.2f}% (90th percentile {np.quantile(ci, 0.9) * 100:.2f}%)",
+        f"- measured spread within each model (slowest/fastest variant): "
+        + ", ".join(f"{k} {v:.3f}x" for k, v in spreads.items()),
+        f"- cost-model time: {estimate_ms:.3f} ms per graph (plain analytic, first estimate of each graph)",
+        "",
+        "| estimate | Spearman pooled | " + " | ".join(f"Spearman {m}" for m in args.models) + " | graphs |",
+        "|---|---|" + "---|" * len(args.models) + "---|",
+    ]
+    for label, pooled, per_model, n in rows:
+        lines.append(f"| {label} | {pooled:.3f} | " + " | ".join(f"{v:.3f}" for v in per_model) + f" | {n} |")
+    lines += ["", "Correction coefficients (features: " + ", ".join(FEATURE_NAMES) + "):" + corrected_note, ""]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out or Path(__file__).parent / "results" / f"costmodel_calibration_{args.device}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps([
+            {"model": s.model, "steps": s.steps, "rules": s.rules, "measured_ms": s.measured_ms,
+             "low_ms": s.low_ms, "high_ms": s.high_ms,
+             **{label: est[i] for label, est in variants.items()}}
+            for i, s in enumerate(ok)
+        ], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
