@@ -1171,7 +1171,7 @@ def add_zoo_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 
 
 def _format_count(count: int) -> str:
-    return f"{count / 1e6:.1f}M" if count >= 100_000 else f"{count / 1e3:.1f}K"
+    return f"{count / 1e6:.1f}M" if count >= 1_000_000 else f"{count / 1e3:.1f}K"
 
 
 def format_model_table(small: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> str:
