@@ -9,6 +9,7 @@ from xrlflow.rules.merge_parallel_conv import MergeParallelConv, SplitMergedConv
 from xrlflow.rules.enlarge_conv_kernel import EnlargeConvKernel, ShrinkConvKernel
 from xrlflow.rules.fuse_conv_sum import FuseConvSum, SplitConvSum
 from xrlflow.rules.batch_shared_weight_conv import BatchSharedWeightConv, UnbatchSharedWeightConv
+from xrlflow.rules.fold_batchnorm_into_conv import FoldBatchNormIntoConv
 from xrlflow.rules.hoist_unary_above_split import HoistUnaryAboveSplit, SinkUnaryBelowSplit
 from xrlflow.rules.hoist_unary_over_concat import HoistUnaryOverConcat, SinkUnaryIntoConcat
 from xrlflow.rules.hoist_const_binary_above_split import (
@@ -38,6 +39,7 @@ RULES: tuple[Rule, ...] = (
     SplitConvSum(),
     BatchSharedWeightConv(),
     UnbatchSharedWeightConv(),
+    FoldBatchNormIntoConv(),
     HoistUnaryAboveSplit(),
     SinkUnaryBelowSplit(),
     HoistUnaryOverConcat(),
