@@ -29,7 +29,8 @@ class CancelSplitConcat(Rule):
     name = "cancel-split-concat"
     description = (
         "Concat of all outputs of one Split, in order, along the Split's axis -> the Split's input. Removes two "
-        "copy kernels; appears after hoist/sink moves leave a Split feeding a Concat. No useful reverse (reverse = None): the inverse would only insert copies."
+        "copy kernels; appears after hoist/sink moves leave a Split feeding a Concat. No useful reverse "
+        "(reverse = None): the inverse would only insert copies."
     )
     reverse = None
 
