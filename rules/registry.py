@@ -72,6 +72,11 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# Normalisations onnxruntime performs itself, applied exhaustively before a search starts (see
+# RewriteEngine.canonicalize): they cost nothing at run time and would otherwise fill the action budget.
+CANONICAL_RULES: tuple[str, ...] = ("fold-batchnorm-into-conv",)
+
+
 def rule_names() -> list[str]:
     return [r.name for r in RULES]
 

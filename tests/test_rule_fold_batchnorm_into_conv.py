@@ -47,3 +47,17 @@ def test_near_miss_statistics_not_constant():
     y = b.op("Conv", [x, b.const((3, 2, 1, 1))])
     b.output(b.op("BatchNormalization", [y, b.const((3,)), b.const((3,)), mean, b.const((3,), value=np.ones(3))]))
     assert_no_match(b.model(), "fold-batchnorm-into-conv")
+
+
+def test_canonicalize_folds_every_batchnorm_of_a_zoo_cnn():
+    from xrlflow.onnx_io import to_model
+    from xrlflow.rules import CANONICAL_RULES
+    from xrlflow.verify import verify_models
+    from xrlflow.zoo import export_model
+
+    model = export_model("inception-v3", small=True)
+    graph = load_graph(model)
+    assert graph.op_counts().get("BatchNormalization", 0) > 0
+    canonical, applied = ENGINE.canonicalize(graph, CANONICAL_RULES)
+    assert applied and "BatchNormalization" not in canonical.op_counts()
+    assert verify_models(model, to_model(canonical, fold_constants=True)).ok

@@ -99,6 +99,22 @@ class RewriteEngine:
         result.topological_order()  # a cycle here is a bug in the rule's find(): fail loudly
         return result
 
+    def canonicalize(self, graph: Graph, rule_names: Iterable[str]) -> tuple[Graph, list[Match]]:
+        """Apply the given rules exhaustively (first match first) and return the result and what was applied.
+
+        For normalisations onnxruntime performs anyway (e.g. folding BatchNorm into the Conv before it): doing
+        them once up front costs nothing at run time and keeps them out of the search's action budget.
+        """
+        wanted = [n for n in rule_names if n in self._by_name]
+        applied: list[Match] = []
+        for _ in range(100_000):
+            pending = [m for m in self.matches(graph) if m.rule in wanted]
+            if not pending:
+                return graph, applied
+            graph = self.apply(graph, pending[0])
+            applied.append(pending[0])
+        raise GraphError("canonicalisation did not converge")
+
     def apply_sequence(self, graph: Graph, matches: Iterable[Match]) -> Graph:
         for m in matches:
             graph = self.apply(graph, m)
