@@ -61,3 +61,19 @@ def test_canonicalize_folds_every_batchnorm_of_a_zoo_cnn():
     canonical, applied = ENGINE.canonicalize(graph, CANONICAL_RULES)
     assert applied and "BatchNormalization" not in canonical.op_counts()
     assert verify_models(model, to_model(canonical, fold_constants=True)).ok
+
+
+def test_prepare_for_search_folds_the_new_constants_into_initializers():
+    from xrlflow.engine import prepare_for_search
+    from xrlflow.onnx_io import to_model
+    from xrlflow.rules import CANONICAL_RULES
+    from xrlflow.verify import verify_models
+    from xrlflow.zoo import export_model
+
+    model = export_model("resnet50", small=True)
+    graph = load_graph(model)
+    prepared = prepare_for_search(graph, ENGINE, CANONICAL_RULES)
+    counts = prepared.op_counts()
+    assert "BatchNormalization" not in counts and "Sqrt" not in counts and "Cast" not in counts
+    assert len(prepared) < len(graph)
+    assert verify_models(model, to_model(prepared)).ok

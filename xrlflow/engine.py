@@ -107,15 +107,32 @@ class RewriteEngine:
         """
         wanted = [n for n in rule_names if n in self._by_name]
         applied: list[Match] = []
-        for _ in range(100_000):
+        for _ in range(1000):
             pending = [m for m in self.matches(graph) if m.rule in wanted]
             if not pending:
                 return graph, applied
-            graph = self.apply(graph, pending[0])
-            applied.append(pending[0])
+            start = graph
+            for m in pending:
+                # Matches found on `start` stay valid while none of their nodes was touched since.
+                if all(graph.nodes.get(n) is start.nodes[n] for n in m.nodes):
+                    graph = self.apply(graph, m)
+                    applied.append(m)
         raise GraphError("canonicalisation did not converge")
 
     def apply_sequence(self, graph: Graph, matches: Iterable[Match]) -> Graph:
         for m in matches:
             graph = self.apply(graph, m)
         return graph
+
+
+def prepare_for_search(graph: Graph, engine: RewriteEngine, canonical_rules: Iterable[str]) -> Graph:
+    """The graph a search starts from: canonical rules applied exhaustively, and the constants they created
+    folded into initializers (so the search, the observation and the cost model see one Conv, not a Conv
+    plus the dozen constant nodes that computed its folded weight)."""
+    from xrlflow.onnx_io import load_graph, to_model
+
+    canonical, applied = engine.canonicalize(graph, canonical_rules)
+    if not applied:
+        return graph
+    shapes = {name: graph.static_shape(name) for name in graph.inputs}
+    return load_graph(to_model(canonical, fold_constants=True), {k: v for k, v in shapes.items() if v is not None})
