@@ -47,13 +47,18 @@ class Sample:
 
 def load_model(spec: str) -> Graph:
     """`name` or `name:small` from the zoo; falls back to bench-built graphs when the zoo is unavailable."""
+    from xrlflow.engine import prepare_for_search
+    from xrlflow.rules import CANONICAL_RULES
+
     name, _, size = spec.partition(":")
     try:
         from xrlflow import zoo
 
-        return load_graph(zoo.export_model(name, small=size == "small"))
+        graph = load_graph(zoo.export_model(name, small=size == "small"))
     except ImportError:
-        return load_graph(fallback_model(name))
+        graph = load_graph(fallback_model(name))
+    # Searches start from the canonical form (BatchNorm folded), so the calibration does too.
+    return prepare_for_search(graph, default_engine(), CANONICAL_RULES)
 
 
 def fallback_model(name: str):
