@@ -20,8 +20,9 @@ says how many were left out. A match binding more than max_bound nodes shows its
 Reward: 100 * (L_prev - L_new) / L_initial, no living bonus. A failed measurement (Latency.ok False) ends
 the episode with reward `config.failure_penalty` (info["measurement_failed"]) and the failing graph is not
 taken; a rewrite that grows the graph past max_nodes/max_edges ends the episode with reward 0
-(info["graph_too_large"]) and is not taken either. Terminated on stop or when no candidate is left;
-truncated after `config.max_steps` rewrites.
+(info["graph_too_large"]) and is not taken either; a rewrite the engine refuses (GraphError: a bug in a rule's
+find()) ends the episode with reward 0, a RuntimeWarning and info["rewrite_error"]. Terminated on stop or
+when no candidate is left; truncated after `config.max_steps` rewrites.
 
 `best_graph` / `best_latency` hold the fastest graph seen in the current episode (the initial one included).
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -39,7 +41,7 @@ from gymnasium import spaces
 
 from xrlflow.engine import Match, RewriteEngine
 from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFeaturizer, node_feature_size
-from xrlflow.errors import BadInputError
+from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import Graph
 from xrlflow.latency import Latency, LatencyService
 
@@ -247,7 +249,12 @@ class GraphRewriteEnv(gym.Env):
             return self._finish(0.0, terminated=True, truncated=False, rule=None, extra=info_extra)
 
         match = self._candidates[action]
-        new_graph = self.engine.apply(self.graph, match)
+        try:
+            new_graph = self.engine.apply(self.graph, match)
+        except GraphError as exc:  # a rule's find() offered a binding its rewrite cannot do: a rule bug
+            warnings.warn(f"rule {match.rule} failed at {match.nodes}: {exc}", RuntimeWarning, stacklevel=2)
+            info_extra["rewrite_error"] = f"{match.rule}: {exc}"
+            return self._finish(0.0, terminated=True, truncated=False, rule=match.rule, extra=info_extra)
         if self._arrays(new_graph) is None:  # grew past the padding: keep the current graph, end the episode
             info_extra["graph_too_large"] = True
             return self._finish(0.0, terminated=True, truncated=False, rule=match.rule, extra=info_extra)

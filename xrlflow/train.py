@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 from xrlflow.errors import BadInputError
 
 LATENCY_KINDS = ("cost", "measured")
+REWARD_STATS_FILE = "reward_normalization.pkl"
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,20 @@ def make_vec_env(graphs, latency, env_config, num_envs: int):
     return DummyVecEnv([factory for _ in range(num_envs)])
 
 
+def normalize_rewards(vec_env, gamma: float, stats_path: Path | None = None):
+    """Scale rewards by the running std of returns (observations untouched: they hold index arrays).
+
+    The env's reward (100 x relative latency change) reaches tens of units per step; unscaled, the value loss
+    dominates the shared encoder's gradient, which PPO clips as a whole, and the policy stops learning."""
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    if stats_path is not None and stats_path.is_file():
+        wrapped = VecNormalize.load(str(stats_path), vec_env)
+        wrapped.training = True
+        return wrapped
+    return VecNormalize(vec_env, norm_obs=False, norm_reward=True, gamma=gamma)
+
+
 def _progress_callback(cfg: TrainConfig, env_config, meta_base: dict[str, Any], start_best: dict[str, float]):
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm import tqdm
@@ -173,6 +189,13 @@ def _progress_callback(cfg: TrainConfig, env_config, meta_base: dict[str, Any], 
             self.last_checkpoint = self.num_timesteps
             meta = dict(meta_base, num_timesteps=int(self.num_timesteps), best_speedup=self.best,
                         best_hash=self.best_hash, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            normalizer = self.model.get_vec_normalize_env()
+            if normalizer is not None:  # saved first: a policy.zip never points at missing reward statistics
+                target = cfg.run_dir / REWARD_STATS_FILE
+                cfg.run_dir.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp")
+                normalizer.save(str(tmp))
+                os.replace(tmp, target)
             save_checkpoint(self.model, cfg.run_dir, meta)
 
         def _on_training_end(self) -> None:
@@ -218,7 +241,8 @@ def train(cfg: TrainConfig, resume: bool = False, graphs=None, latency=None) -> 
         env_config = EnvConfig.from_dict(previous["env_config"])
     else:
         env_config = env_config_for(graphs, cfg)
-    vec_env = make_vec_env(graphs, latency, env_config, cfg.num_envs)
+    vec_env = normalize_rewards(make_vec_env(graphs, latency, env_config, cfg.num_envs), cfg.gamma,
+                                run_dir / REWARD_STATS_FILE if resume else None)
     policy_config = PolicyConfig(hidden=cfg.hidden, layers=cfg.layers)
     meta_base = {
         "rule_fingerprint": RULE_FINGERPRINT,
