@@ -99,7 +99,7 @@ def make_latency_service(kind: str, device: str):
         return MeasuredLatency(MeasureConfig(device=device))
     from xrlflow.costmodel import CostModel
 
-    return CostModel(device=device)
+    return CostModel("h200" if device == "cuda" else "cpu")  # the cost model's GPU profile is the H200
 
 
 def env_config_for(graphs: Sequence[tuple[str, Any]], cfg: TrainConfig):
