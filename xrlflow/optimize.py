@@ -296,7 +296,12 @@ def optimize(
         engine = RewriteEngine(select_rules(config.rules, config.disable_rules))
     source = str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else "<ModelProto>"
     model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else read_model(model_or_path)
-    graph = load_graph(model, config.input_shapes)
+    loaded = load_graph(model, config.input_shapes)
+    from xrlflow.engine import prepare_for_search
+    from xrlflow.rules import CANONICAL_RULES
+
+    canonical_rules = [r for r in CANONICAL_RULES if r in engine.rule_index]
+    graph = prepare_for_search(loaded, engine, canonical_rules)  # e.g. BatchNorm folded, as training sees it
     feeds, feeds_source = _feeds(config, model)
     service = latency_service or make_latency_service(config.latency, config.device, config.input_shapes)
 
@@ -312,8 +317,12 @@ def optimize(
     broken = None
     verified = time.perf_counter()
     if not verification.ok:
-        found = find_breaking_rewrite(model, path, result.applied, feeds, config.tolerance)
-        if found is not None:
+        start_check = verify_models(model, to_model(graph, fold_constants=True), feeds, config.tolerance) if graph is not loaded else None
+        found = None if start_check is not None and not start_check.ok else find_breaking_rewrite(
+            model, path, result.applied, feeds, config.tolerance)
+        if start_check is not None and not start_check.ok:
+            broken = {"index": 0, "rule": "canonicalisation (" + ", ".join(canonical_rules) + ")", "bound_nodes": [], "reason": start_check.reason}
+        elif found is not None:
             index, failing = found
             match = result.applied[index - 1]
             broken = {"index": index, "rule": match.rule, "bound_nodes": list(match.nodes), "reason": failing.reason}
@@ -348,6 +357,8 @@ def optimize(
         "latency_service": getattr(service, "name", type(service).__name__),
         "device": config.device,
         "rules": [r.name for r in engine.rules],
+        "canonicalised": graph is not loaded,
+        "canonical_rules": canonical_rules,
         "rule_fingerprint": engine.fingerprint,
         "registry_fingerprint": RULE_FINGERPRINT,
         "config": {
@@ -358,7 +369,7 @@ def optimize(
         "latency": latency_summary,
         "rewrites": _rewrite_entries(path, result.applied),
         "rewrites_by_rule": dict(Counter(m.rule for m in result.applied).most_common()),
-        "op_counts": {"before": _op_counts(model), "after": _op_counts(optimised)},
+        "op_counts": {"before": _op_counts(model), "after": _op_counts(optimised)},  # as ONNX files
         "latency_calls": result.latency_calls,
         "graphs_seen": result.graphs_seen,
         "time_s": {
@@ -377,7 +388,7 @@ def optimize(
         "broken_rewrite": broken,
     }
     if not verification.ok:
-        where = f"rewrite #{broken['index']} ({broken['rule']} on {', '.join(broken['bound_nodes'])})" if broken["index"] else "the export"
+        where = f"rewrite #{broken['index']} ({broken['rule']} on {', '.join(broken['bound_nodes'])})" if broken["index"] else broken["rule"]
         raise VerificationError(f"the optimised model does not verify: {verification.reason}; first broken by {where}", report)
     return OptimizeResult(optimised, report, result.best, result)
 

@@ -52,6 +52,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
         ("speedup", _format_speedup(lat)),
         ("rewrites applied", str(len(report["rewrites"]))),
     ]
+    if report.get("canonicalised"):
+        rows.append(("canonicalised first", ", ".join(report["canonical_rules"]) + " (applied exhaustively)"))
     times = report["time_s"]
     rows += [
         ("time in decisions", f"{times['decision']:.2f} s"),
