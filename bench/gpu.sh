@@ -26,12 +26,17 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 PER_MODEL="${PER_MODEL:-70}"
-MODELS="${MODELS:-bert-base:small inception-v3:small squeezenet:small bert-base}"
+MODELS="${MODELS:-bert-base inception-v3 squeezenet}"
+# Models whose kernels also go into the per-kernel table (a few rewritten graphs each), so a policy can be
+# trained for this device on the whole zoo; set COVERAGE_MODELS="" to skip.
+COVERAGE_MODELS="${COVERAGE_MODELS-bert-xrl vit-xrl mini-dalle transformer-transducer gpt2 vit-base resnet50 resnext50 nasnet-a}"
+COVERAGE_PER_MODEL="${COVERAGE_PER_MODEL:-6}"
+NOISE_MODEL="${NOISE_MODEL:-bert-base}"
 MAX_SECONDS="${MAX_SECONDS:-2}"
 PROFILE=h200
 if [[ "$DEVICE" == cpu ]]; then PROFILE=cpu; fi
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# xrlflow must be installed (pip install -e . here; a wheel on PYTHONPATH on the GPU machine)
 
 ORT_VERSION=$("$PYTHON" -c 'import onnxruntime as o; print(o.__version__)')
 PROVIDERS=$("$PYTHON" -c 'import onnxruntime as o; print(",".join(o.get_available_providers()))')
@@ -45,7 +50,7 @@ if [[ "$DEVICE" == cuda ]] && command -v nvidia-smi >/dev/null; then
 fi
 
 echo "== 1/3 noise, cost per graph, cache hit rate"
-"$PYTHON" bench/measure_noise.py --device "$DEVICE" --max-seconds "$MAX_SECONDS" --out "$OUT/measure_$DEVICE.md"
+[[ -n "${SKIP_NOISE:-}" ]] || "$PYTHON" bench/measure_noise.py --device "$DEVICE" --model "$NOISE_MODEL" --max-seconds "$MAX_SECONDS" --out "$OUT/measure_$DEVICE.md"
 
 echo "== 2/3 + 3/3 per-kernel table of the models' kernels and the calibration against end-to-end latency"
 # shellcheck disable=SC2086
@@ -53,6 +58,15 @@ echo "== 2/3 + 3/3 per-kernel table of the models' kernels and the calibration a
     --per-model "$PER_MODEL" --max-seconds "$MAX_SECONDS" --cache-path "$OUT/latency.sqlite" \
     --export-table "$OUT/${PROFILE}_${DEVICE}_ort${ORT_VERSION}.json" \
     --out "$OUT/costmodel_calibration_$DEVICE.md" --json "$OUT/calibration_$DEVICE.json"
+
+if [[ -n "$COVERAGE_MODELS" ]]; then
+    echo "== table coverage: kernels of the other zoo models"
+    # shellcheck disable=SC2086
+    "$PYTHON" bench/calibrate_costmodel.py --device "$DEVICE" --profile "$PROFILE" --models $COVERAGE_MODELS \
+        --per-model "$COVERAGE_PER_MODEL" --max-seconds "$MAX_SECONDS" --cache-path "$OUT/latency.sqlite" \
+        --table --export-table "$OUT/${PROFILE}_${DEVICE}_ort${ORT_VERSION}_coverage.json" \
+        --out "$OUT/costmodel_coverage_$DEVICE.md" --json "$OUT/coverage_$DEVICE.json"
+fi
 
 echo "done: results in $OUT"
 ls -l "$OUT"

@@ -67,6 +67,8 @@ H200_PROFILE = DeviceProfile(
     fusions=frozenset({"matmul_add", "conv_bias", "conv_activation", "skip_layernorm"}),
 )
 PROFILES = {"cpu": CPU_PROFILE, "h200": H200_PROFILE}
+# Per-kernel tables measured on real devices and shipped with the package (bench/gpu.sh makes them).
+BUNDLED_TABLES = {"h200": "h200_cuda_ort1.31.1.json"}
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,25 @@ class CostModel:
         self.name = f"cost-model:{profile.name}" + (":table" if table else "") + (":corrected" if correction else "")
         self._kernel_ms: dict[Any, float] = {}
         self._memo_key = f"costmodel:{id(self)}"
+
+    @classmethod
+    def for_device(cls, profile: str) -> "CostModel":
+        """The profile's cost model with its bundled measured table, when one ships (h200)."""
+        table = None
+        if profile in BUNDLED_TABLES:
+            table = OpTable.load(Path(__file__).parent / "data" / BUNDLED_TABLES[profile])
+        return cls(profile, table)
+
+    deterministic = True
+
+    def table_coverage(self, graph: Graph) -> float:
+        """Fraction of the graph's launched kernels the table has measured (1.0 without a table: n/a)."""
+        if self.table is None:
+            return 1.0
+        kernels = [k for k in group_kernels(graph, self.profile) if not k.alias]
+        if not kernels:
+            return 1.0
+        return sum(kernel_key(graph, k) in self.table.entries for k in kernels) / len(kernels)
 
     # ---- the service --------------------------------------------------------------------------------------
     def latency(self, graph: Graph) -> Latency:
@@ -474,6 +495,7 @@ def baseline_model() -> tuple[onnx.ModelProto, list[tuple[str, int, tuple[int, .
         ),
         opset_imports=[helper.make_opsetid("", 17)],
     )
+    model.ir_version = 8  # onnx's newest IR version can be newer than the onnxruntime measuring it supports
     return model, [("x", onnx.TensorProto.FLOAT, (1,))]
 
 
