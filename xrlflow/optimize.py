@@ -99,7 +99,7 @@ def make_latency_service(kind: str, device: str, input_shapes: Mapping[str, tupl
         return MeasuredLatency(MeasureConfig(device=device))
     from xrlflow.costmodel import CostModel
 
-    return CostModel("h200" if device == "cuda" else "cpu")
+    return CostModel.for_device("h200" if device == "cuda" else "cpu")  # h200: bundled measured table
 
 
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:

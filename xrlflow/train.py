@@ -83,12 +83,16 @@ class TrainConfig:
 
 # ---- wiring ----------------------------------------------------------------------------------------------------
 def load_zoo_graphs(models: Sequence[str], small: bool) -> list[tuple[str, Any]]:
+    from xrlflow.engine import prepare_for_search
     from xrlflow.onnx_io import load_graph
+    from xrlflow.rules import CANONICAL_RULES, default_engine
     from xrlflow.zoo import export_model
 
+    engine = default_engine()
     graphs = []
     for name in models:
-        graphs.append((name, load_graph(export_model(name, small=small))))
+        # Episodes start from the canonical form, as `xrlflow optimize` does (BatchNorm folded into convs).
+        graphs.append((name, prepare_for_search(load_graph(export_model(name, small=small)), engine, CANONICAL_RULES)))
     return graphs
 
 
@@ -99,7 +103,8 @@ def make_latency_service(kind: str, device: str):
         return MeasuredLatency(MeasureConfig(device=device))
     from xrlflow.costmodel import CostModel
 
-    return CostModel("h200" if device == "cuda" else "cpu")  # the cost model's GPU profile is the H200
+    # The GPU profile is the H200, with its per-kernel table measured by bench/gpu.sh (bundled).
+    return CostModel.for_device("h200" if device == "cuda" else "cpu")
 
 
 def env_config_for(graphs: Sequence[tuple[str, Any]], cfg: TrainConfig):
