@@ -106,3 +106,26 @@ def static(g: Graph, *values: str) -> bool:
 
 def same_dtype(g: Graph, *values: str) -> bool:
     return len({g.dtype(v) for v in values}) == 1
+
+
+def concat_order(g: Graph, values: Sequence[str]) -> list[int] | None:
+    """Positions of `values` among the inputs of the one Concat that reads them all (each read only there),
+    so a merge can emit its Split in the Concat's order and cancel-split-concat can then remove both."""
+    readers = [g.consumers.get(v, ()) for v in values]
+    if not all(len(r) == 1 for r in readers) or len({r[0] for r in readers}) != 1:
+        return None
+    node = g.nodes[readers[0][0]]
+    if node.op_type != "Concat":
+        return None
+    try:
+        return [node.inputs.index(v) for v in values]
+    except ValueError:
+        return None
+
+
+def merge_order(g: Graph, names: Sequence[str], outputs: Sequence[str]) -> tuple[str, ...]:
+    """Member nodes of a merge in a stable order: a shared Concat's order when there is one, else by name."""
+    positions = concat_order(g, outputs)
+    if positions is not None:
+        return tuple(n for _, n in sorted(zip(positions, names)))
+    return tuple(sorted(names))

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType, make_attributes
-from xrlflow.rules.common import concat, normalize_axis, plain, sole_reader, split, split_sizes
+from xrlflow.rules.common import concat, merge_order, normalize_axis, plain, sole_reader, split, split_sizes
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class MergeParallelConv(Rule):
                 groups[(spec.x, spec.geometry, spec.bias is not None)].append(node)
         for members in groups.values():
             if len(members) >= 2:
-                yield tuple(sorted(n.name for n in members)), (len(members),)
+                yield merge_order(g, [n.name for n in members], [n.outputs[0] for n in members]), (len(members),)
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         convs = [g.nodes[n] for n in nodes]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from xrlflow.rules.common import concat, plain, sole_reader, split, split_sizes, type_of
+from xrlflow.rules.common import concat, merge_order, plain, sole_reader, split, split_sizes, type_of
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
 
@@ -56,6 +56,9 @@ class MergeParallelMatMul(Rule):
             if len(members) < 2:
                 continue
             with_bias = all(b is not None for _, b in members)
+            finals = [g.nodes[b].outputs[0] if with_bias else n.outputs[0] for n, b in members]  # type: ignore[index]
+            order = merge_order(g, [n.name for n, _ in members], finals)
+            members.sort(key=lambda m: order.index(m[0].name))
             nodes = tuple(n.name for n, _ in members)
             if with_bias:
                 nodes += tuple(b for _, b in members)  # type: ignore[misc]

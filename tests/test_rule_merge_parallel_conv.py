@@ -106,3 +106,20 @@ def test_split_near_misses():
     pieces = b.op("Split", [y, b.const(None, value=[1, 3], dtype=np.int64)], n_out=2, axis=1)
     b.output(*pieces, b.op("Relu", [y]))  # the conv output has a second reader
     assert_no_match(b.model(), "split-merged-conv")
+
+
+def test_merge_follows_a_shared_concat_so_the_split_cancels():
+    from tests.rulecheck import ModelBuilder
+    from xrlflow.onnx_io import load_graph
+
+    b = ModelBuilder(11)
+    x = b.input("x", [1, 4, 6, 6])
+    # named so that name order and Concat order disagree
+    first = b.op("Conv", [x, b.const((3, 4, 1, 1))])
+    second = b.op("Conv", [x, b.const((2, 4, 1, 1))])
+    b.nodes[-1].name, b.nodes[-2].name = "a_conv", "z_conv"
+    b.output(b.op("Relu", [b.op("Concat", [first, second], axis=1)]))
+    g = load_graph(b.model())
+    (merge,) = [m for m in ENGINE.matches(g) if m.rule == "merge-parallel-conv"]
+    merged = ENGINE.apply(g, merge)
+    assert [m.rule for m in ENGINE.matches(merged)].count("cancel-split-concat") == 1
