@@ -155,3 +155,24 @@ def test_spearman_with_ties():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2, 3], [5, 5, 6, 7]) == pytest.approx(1.0)
     assert -1 < spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) < 1
+
+
+def test_fallback_scale_prices_unmeasured_kernels_like_measured_ones():
+    from xrlflow.costmodel import CostModel, OpTable, fit_fallback_scale, group_kernels, kernel_key, PROFILES
+    from xrlflow.onnx_io import load_graph
+    from xrlflow.zoo import export_model
+
+    graph = load_graph(export_model("squeezenet", small=True))
+    prof = PROFILES["h200"]
+    analytic = CostModel("h200")
+    # a table that measured every kernel at exactly 3x the analytic estimate
+    entries = {}
+    for k in group_kernels(graph, prof):
+        if not k.alias:
+            entries[kernel_key(graph, k)] = 3.0 * analytic.kernel_ms(graph, k) - prof.launch_ms + 0.01
+    table = fit_fallback_scale(OpTable("h200", "test", "0", 0.01, entries), [graph], "h200")
+    assert abs(table.fallback_scale["*"] - 3.0) < 1e-6 and abs(table.fallback_scale["Conv"] - 3.0) < 1e-6
+    # with no entries left, the fallback reproduces the measured prices
+    empty = OpTable("h200", "test", "0", 0.01, {}, table.fallback_scale)
+    measured = CostModel("h200", OpTable("h200", "test", "0", 0.01, entries)).latency(graph).ms
+    assert abs(CostModel("h200", empty).latency(graph).ms - measured) / measured < 1e-6

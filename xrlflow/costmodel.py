@@ -80,11 +80,16 @@ class OpTable:
     ort_version: str
     baseline_ms: float  # a trivial one-kernel model's run time: the session overhead each entry contains
     entries: dict[str, float] = field(default_factory=dict)
+    # Per anchor op: median of (measured / analytic) over the table's kernels. Kernels the table lacks are
+    # estimated analytically times this factor, so a search cannot "win" by producing unmeasured kernels
+    # that the (optimistic) analytic model underprices. Filled by `fit_fallback_scale`.
+    fallback_scale: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         data = {
             "device": self.device, "provider": self.provider, "ort_version": self.ort_version,
-            "baseline_ms": self.baseline_ms, "entries": dict(sorted(self.entries.items())),
+            "baseline_ms": self.baseline_ms, "fallback_scale": dict(sorted(self.fallback_scale.items())),
+            "entries": dict(sorted(self.entries.items())),
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(path) + ".tmp")
@@ -98,6 +103,7 @@ class OpTable:
             return OpTable(
                 str(data["device"]), str(data["provider"]), str(data["ort_version"]), float(data["baseline_ms"]),
                 {str(k): float(v) for k, v in data["entries"].items()},
+                {str(k): float(v) for k, v in data.get("fallback_scale", {}).items()},
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BadInputError(f"{path}: not a cost-model table ({type(exc).__name__}: {exc})") from None
@@ -228,6 +234,10 @@ class CostModel:
                     ms = max(measured - self.table.baseline_ms, 0.0) + p.launch_ms
             if ms is None:
                 ms = p.launch_ms + max(p.min_kernel_ms, flop_ms + byte_ms)
+                if self.table is not None and self.table.fallback_scale:
+                    anchor = graph.nodes[kernel.nodes[0]].op_type
+                    scales = self.table.fallback_scale
+                    ms *= scales.get(anchor, scales.get("*", 1.0))
             terms = (ms, flop_ms, byte_ms)
         self._kernel_ms[kernel.signature] = terms
         return terms
@@ -573,3 +583,28 @@ __all__ = [
     "CostModel", "DeviceProfile", "CPU_PROFILE", "H200_PROFILE", "PROFILES", "OpTable", "LinearCorrection",
     "Kernel", "group_kernels", "kernel_work", "kernel_key", "kernel_model", "build_op_table", "spearman", "FEATURE_NAMES",
 ]
+
+
+def fit_fallback_scale(table: OpTable, graphs: Iterable[Graph], profile: DeviceProfile | str) -> OpTable:
+    """The table with `fallback_scale` fitted: per anchor op (and "*" over all), the median ratio of the
+    measured kernel time to the analytic estimate, over the kernels of `graphs` that the table holds."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    analytic = CostModel(prof)
+    ratios: dict[str, list[float]] = {}
+    seen: set[str] = set()
+    for graph in graphs:
+        for kernel in group_kernels(graph, prof):
+            if kernel.alias:
+                continue
+            key = kernel_key(graph, kernel)
+            if key in seen or key not in table.entries:
+                continue
+            seen.add(key)
+            measured = max(table.entries[key] - table.baseline_ms, 0.0) + prof.launch_ms
+            estimate = analytic.kernel_ms(graph, kernel)
+            if estimate > 0:
+                op = graph.nodes[kernel.nodes[0]].op_type
+                ratios.setdefault(op, []).append(measured / estimate)
+                ratios.setdefault("*", []).append(measured / estimate)
+    scale = {op: float(np.median(r)) for op, r in ratios.items() if len(r) >= 3 or op == "*"}
+    return OpTable(table.device, table.provider, table.ort_version, table.baseline_ms, table.entries, scale)
