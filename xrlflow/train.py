@@ -31,7 +31,8 @@ REWARD_STATS_FILE = "reward_normalization.pkl"
 class TrainConfig:
     models: tuple[str, ...]
     latency: str = "cost"  # cost | measured
-    device: str = "cpu"  # the policy's torch device and the latency service's device
+    device: str = "cpu"  # the device the latency (reward) is for: cpu, or cuda (the H200 table with --latency cost)
+    policy_device: str = "cpu"  # the policy's torch device (GNN training is small: the CPU is the default)
     steps: int = 20_000  # total env steps
     seed: int = 0
     run_name: str = "run"
@@ -221,8 +222,8 @@ def train(cfg: TrainConfig, resume: bool = False, graphs=None, latency=None) -> 
     from xrlflow.agents.checkpoint import POLICY_FILE
     from xrlflow.rules import RULE_FINGERPRINT, rule_names
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda: this torch build sees no CUDA device")
+    if cfg.policy_device == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--policy-device cuda: this torch build sees no CUDA device")
     torch.set_num_threads(cfg.torch_threads)
     run_dir = cfg.run_dir
     has_checkpoint = (run_dir / POLICY_FILE).is_file()
@@ -258,13 +259,13 @@ def train(cfg: TrainConfig, resume: bool = False, graphs=None, latency=None) -> 
         "latency_service": getattr(latency, "name", type(latency).__name__),
     }
     if resume:
-        model = MaskablePPO.load(run_dir / POLICY_FILE, env=vec_env, device=cfg.device)
+        model = MaskablePPO.load(run_dir / POLICY_FILE, env=vec_env, device=cfg.policy_device)
         model.set_random_seed(cfg.seed + int(model.num_timesteps))
     else:
         model = MaskablePPO(
             CandidateGNNPolicy, vec_env, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps,
             batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
-            clip_range=cfg.clip_range, ent_coef=cfg.ent_coef, seed=cfg.seed, device=cfg.device,
+            clip_range=cfg.clip_range, ent_coef=cfg.ent_coef, seed=cfg.seed, device=cfg.policy_device,
             tensorboard_log=cfg.runs_dir, policy_kwargs={"policy_config": policy_config.to_dict()}, verbose=0,
         )
     callback = _progress_callback(cfg, env_config, meta_base, previous.get("best_speedup", {}))
@@ -283,7 +284,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(models=("x",))
     p.add_argument("--models", required=True, help="comma-separated zoo models, e.g. bert-base,resnext50")
     p.add_argument("--latency", choices=LATENCY_KINDS, default=d.latency, help="reward source (default cost)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
+                   help="device the reward is for: cpu, or cuda (measured on the GPU, or the bundled H200 table)")
+    p.add_argument("--policy-device", choices=("cpu", "cuda"), default=d.policy_device, help="torch device of the policy")
     p.add_argument("--steps", type=int, default=d.steps, help=f"total env steps (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--run-name", default=d.run_name, help="checkpoints/<run-name>/ and runs/<run-name>_N/")
@@ -308,7 +311,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     return TrainConfig(
-        models=models, latency=args.latency, device=args.device, steps=args.steps, seed=args.seed,
+        models=models, latency=args.latency, device=args.device, policy_device=args.policy_device, steps=args.steps, seed=args.seed,
         run_name=args.run_name, small=args.small, num_envs=args.num_envs, learning_rate=args.lr,
         n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.epochs, max_steps=args.max_steps,
         max_candidates=args.max_candidates, hidden=args.hidden, layers=args.layers,
