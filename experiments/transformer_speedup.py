@@ -146,7 +146,7 @@ def _paired(service, graph, candidate_model: onnx.ModelProto) -> Cell:
 
 def run_model(name: str, args: argparse.Namespace, measured, search_service, policy: str | None) -> Row:
     from xrlflow.onnx_io import load_graph
-    from xrlflow.optimize import OptimizeConfig, VerificationError, optimize
+    from xrlflow.optimizer import OptimizeConfig, VerificationError, optimize
     from xrlflow.verify import verify_models
     from xrlflow.zoo import export_model
 
@@ -186,6 +186,12 @@ def run_model(name: str, args: argparse.Namespace, measured, search_service, pol
         ours, ours_label = result.model, method  # RL replaces greedy as "ours" when it ran
         print(f"[{name}] {method}: {cell.text()}, {cell.rewrites} rewrites, {cell.seconds:.1f} s", flush=True)
 
+    if args.no_ort_opt:
+        return row
+    if name not in ORT_MODEL_TYPE:
+        row.cells["ort-opt"] = Cell(note="not a transformer")
+        row.cells["ours+ort-opt"] = Cell(note="not a transformer")
+        return row
     started = time.perf_counter()
     ort_model, note = ort_transformers_optimize(model, name, args.small, args.device)
     row.cells["ort-opt"] = _verified_cell(measured, graph, model, ort_model, note, verify_models)
@@ -238,7 +244,7 @@ def environment(args: argparse.Namespace, device_label: str) -> dict[str, Any]:
 def write_results(rows: list[Row], env: dict[str, Any], args: argparse.Namespace) -> list[Path]:
     from xrlflow.report import markdown_table, plot_speedup_bars, write_json, write_text
 
-    stem = f"transformer_speedup_{args.device}{'_small' if args.small else ''}"
+    stem = f"{args.name}_{args.device}{'_small' if args.small else ''}"
     out = Path(args.out)
     header = ["model", "nodes", "original"] + [METHOD_TITLES[m] for m in METHODS]
     table = markdown_table(header, [
@@ -289,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--small", action="store_true", help="the zoo's small variants (a quick check)")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(MODELS),
+                   help="zoo models (default: the transformer set; any zoo model is accepted)")
+    p.add_argument("--no-ort-opt", action="store_true", help="skip the onnxruntime transformers optimizer columns")
+    p.add_argument("--name", default="transformer_speedup", help="stem of the result files")
     p.add_argument("--search-latency", choices=("cost", "measured"), default="cost")
     p.add_argument("--steps", type=int, default=50, help="most rewrites per search path")
     p.add_argument("--rollouts", type=int, default=4, help="RL: sampled rollouts besides the greedy one")
@@ -299,9 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--out", default=str(REPO / "results"))
     args = p.parse_args(argv)
+    from xrlflow.zoo import list_models
+
+    known = [e.name for e in list_models()]
+    unknown = [m for m in args.models if m not in known]
+    if unknown:
+        p.error(f"unknown zoo model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
 
     from xrlflow.measure import MeasureConfig, MeasuredLatency
-    from xrlflow.optimize import make_latency_service
+    from xrlflow.optimizer import make_latency_service
 
     config = MeasureConfig(
         device=args.device, max_seconds=args.max_seconds, target_rel_ci=args.target_rel_ci,
