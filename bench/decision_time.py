@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import xrlflow
     from xrlflow.costmodel import CostModel
     from xrlflow.onnx_io import load_graph
-    from xrlflow.optimize import OptimizeConfig, policy_search
+    from xrlflow.optimizer import OptimizeConfig, policy_search
     from xrlflow.report import markdown_table, write_json, write_text
     from xrlflow.rules import RULE_FINGERPRINT, default_engine
     from xrlflow.search import SearchConfig, run_search

@@ -73,6 +73,8 @@ class BatchSharedWeightMatMul(Rule):
                         continue
                     if not _rows_only_differ(g.static_shape(a), g.static_shape(b)):  # type: ignore[arg-type]
                         continue
+                    if any(g.dim_is_bound(v, axis) for v in (a, b) for axis in range(len(g.static_shape(v)) - 1)):  # type: ignore[arg-type]
+                        continue  # row counts (Split sizes) or batch equality fixed only by --input-shape
                     # One MatMul feeding the other: the merged node would read its own output.
                     if reached_by[second.name] & bit[first.name] or reached_by[first.name] & bit[second.name]:
                         continue

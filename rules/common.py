@@ -57,6 +57,8 @@ def split_sizes(g: Graph, split: Node) -> tuple[int, ...] | None:
     sizes = split.attr("split")
     if sizes is not None:
         return tuple(sizes)
+    if g.dim_is_bound(split.inputs[0], axis):
+        return None  # equal pieces of a dim bound only by --input-shape: the sizes differ at other shapes
     n = len(split.outputs)
     total = shape[axis]
     if n == 0:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.test_search import attention_like_model
 from xrlflow.cli import main
-from xrlflow.optimize import OptimizeConfig, VerificationError, optimize
+from xrlflow.optimizer import OptimizeConfig, VerificationError, optimize
 from xrlflow.verify import random_inputs, verify_models
 
 MERGE_RULES = "merge-parallel-matmul,split-merged-matmul"

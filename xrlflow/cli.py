@@ -14,7 +14,7 @@ from xrlflow.errors import BadInputError
 COMMAND_MODULES = (
     "xrlflow.rules_cli",
     "xrlflow.measure_cli",
-    "xrlflow.optimize",
+    "xrlflow.optimizer",
     "xrlflow.train",
 )
 

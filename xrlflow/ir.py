@@ -261,7 +261,7 @@ class Graph:
         """The content of an initializer or Constant node (seen through Identity); None for computed values."""
         source = self.constant_source(value)
         if source in self.initializers and source not in self.inputs:
-            return numpy_helper.to_array(self.initializers[source])
+            return tensor_array(self.initializers[source])
         node = self.producer_of(source)
         if node is not None and node.op_type == "Constant" and not node.is_opaque:
             for key in ("value_float", "value_int", "value_floats", "value_ints"):
@@ -384,6 +384,20 @@ class Graph:
         return dict(sorted(counts.items()))
 
 
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's content. Tensors of very large models stay in their external file (onnx_io.read_model gives
+    them an absolute location) and are read here on demand."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    with open(info["location"], "rb") as source:
+        source.seek(int(info.get("offset", 0)))
+        flat = np.fromfile(source, dtype=dtype, count=count)
+    return flat.reshape(tuple(tensor.dims))
+
+
 def _type_key(t: TensorType | None) -> Any:
     if t is None:
         return 0
@@ -440,7 +454,7 @@ class GraphEdit:
     def _fresh(self, stem: str) -> str:
         while True:
             self.next_id += 1
-            name = f"xrl{self.next_id}_{stem}"
+            name = f"{self.origin}/{stem}_{self.next_id}"
             if name not in self.graph.types and name not in self.graph.nodes:
                 return name
 

@@ -13,13 +13,22 @@ import onnx.external_data_helper
 from onnx import numpy_helper
 
 from xrlflow.errors import BadInputError, GraphError
-from xrlflow.ir import PURE_OPS, BoundDims, Graph, ModelContext, Node, OpaqueAttribute, TensorType, make_attributes
+from xrlflow.ir import PURE_OPS, BoundDims, tensor_array, Graph, ModelContext, Node, OpaqueAttribute, TensorType, make_attributes
 
 MIN_OPSET = 13
 # Constant subgraphs that rewrites create are folded on export, except ops that can blow a tiny input up into
 # a large tensor (the artifact must never grow by more than what was merged).
 NEVER_FOLD = frozenset({"Tile", "Expand", "ConstantOfShape", "Range"})
 _LARGE_TENSOR_BYTES = 1 << 16
+# Protobuf cannot serialise a message of 2 GiB or more; past this estimate a model is only written with its
+# weights in external data, and onnxruntime is handed a file path, never bytes.
+PROTOBUF_SAFE_BYTES = (1 << 31) - (256 << 20)
+# External data beyond this stays on disk after reading (tensors refer to the source file by absolute path and
+# are read on demand or streamed when written), so memory holds the weights at most once.
+KEEP_EXTERNAL_BYTES = 1 << 30
+_EXTERNAL_INLINE_BYTES = 1024  # smaller tensors stay in the .onnx file when writing external data
+_EXTERNAL_ALIGN = 1 << 16  # large tensors start at 64 KiB offsets so onnxruntime can map them
+_MAX_DIM = 1 << 31
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -51,22 +60,46 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise BadInputError(f"{path}: not an ONNX model (no graph)")
     base = path.resolve().parent
+    external: list[tuple[onnx.TensorProto, Path]] = []
     for tensor in _all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location")
         if not location:
             raise BadInputError(f"{path}: tensor {tensor.name!r} has external data without a location")
         target = (base / location).resolve()
-        if base not in target.parents:
+        if base not in target.parents or Path(location).is_absolute():
             raise BadInputError(f"{path}: external data path {location!r} escapes the model's folder")
         if not target.is_file():
             raise BadInputError(f"{path}: external data file {location!r} is missing")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            raise BadInputError(f"{path}: tensor {tensor.name!r} has a non-numeric external data offset/length") from None
+        expected = _tensor_nbytes(tensor)
+        if length < 0:
+            length = expected
+        if expected is not None and length != expected:
+            raise BadInputError(f"{path}: tensor {tensor.name!r} declares {length} bytes of external data, its dims need {expected}")
+        if offset < 0 or offset + length > target.stat().st_size:
+            raise BadInputError(f"{path}: external data of tensor {tensor.name!r} lies past the end of {location!r}")
+        external.append((tensor, target))
+    if sum(_tensor_nbytes(t) or 0 for t, _ in external) > KEEP_EXTERNAL_BYTES:
+        for tensor, target in external:  # read on demand (ir.tensor_array) or streamed by save_model
+            _set_external_location(tensor, str(target))
+        return model
     try:
         onnx.load_external_data_for_model(model, str(base))
     except Exception as exc:
         raise BadInputError(f"{path}: cannot read external data ({exc})") from None
     return model
+
+
+def _set_external_location(tensor: onnx.TensorProto, location: str) -> None:
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -178,7 +211,7 @@ def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
     graph.initializer.extend(saved)
     for t in saved:
         stub = out.graph.initializer.add()
-        if _tensor_nbytes(t) > _LARGE_TENSOR_BYTES:
+        if t.data_location == onnx.TensorProto.EXTERNAL or (_tensor_nbytes(t) or 0) > _LARGE_TENSOR_BYTES:
             stub.name, stub.data_type = t.name, t.data_type
             stub.dims.extend(t.dims)
             stub.data_location = onnx.TensorProto.EXTERNAL
@@ -188,11 +221,74 @@ def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
             stub.CopyFrom(t)
 
 
-def _tensor_nbytes(t: onnx.TensorProto) -> int:
+def _tensor_nbytes(t: onnx.TensorProto) -> int | None:
+    """Bytes of the tensor's payload from its dims and type (None for strings and unknown types)."""
     n = 1
     for d in t.dims:
         n *= d
-    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
+    if t.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:
+        return None
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * itemsize
+
+
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data", onnx.TensorProto.INT64: "int64_data",
+    onnx.TensorProto.UINT64: "uint64_data", onnx.TensorProto.INT32: "int32_data", onnx.TensorProto.INT16: "int32_data",
+    onnx.TensorProto.INT8: "int32_data", onnx.TensorProto.UINT8: "int32_data", onnx.TensorProto.UINT16: "int32_data",
+    onnx.TensorProto.BOOL: "int32_data", onnx.TensorProto.FLOAT16: "int32_data", onnx.TensorProto.BFLOAT16: "int32_data",
+}
+
+
+def check_tensor_payload(t: onnx.TensorProto) -> None:
+    """Refuse a tensor whose stored data does not fit its dims (onnxruntime would read past it or crash)."""
+    if t.data_type == onnx.TensorProto.UNDEFINED:
+        raise BadInputError(f"tensor {t.name!r} has no data type")
+    if any(d < 0 for d in t.dims):
+        raise BadInputError(f"tensor {t.name!r} has a negative dim")
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return  # checked against the file by read_model
+    n = 1
+    for d in t.dims:
+        n *= d
+    if t.HasField("raw_data"):
+        expected = _tensor_nbytes(t)
+        if expected is not None and len(t.raw_data) != expected:
+            raise BadInputError(f"tensor {t.name!r} holds {len(t.raw_data)} bytes, its dims {list(t.dims)} need {expected}")
+        return
+    field_name = _TYPED_FIELDS.get(t.data_type)
+    if field_name is None:
+        return
+    stored = len(getattr(t, field_name))
+    if stored != n:
+        raise BadInputError(f"tensor {t.name!r} holds {stored} values, its dims {list(t.dims)} need {n}")
+
+
+def payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held in the proto itself (external data excluded): what limits serialisation."""
+    total = 0
+    for t in _all_tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            total += _tensor_nbytes(t) or 0
+    return total
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializer and Constant payloads, inline or external."""
+    return sum(_tensor_nbytes(t) or 0 for t in _all_tensors(model.graph))
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    return payload_bytes(model) < PROTOBUF_SAFE_BYTES and not has_external_data(model)
 
 
 def load_graph(
@@ -223,8 +319,7 @@ def load_graph(
         if t.name in initializers:
             raise BadInputError(f"duplicate initializer name {t.name!r}")
         initializers[t.name] = t
-        if any(d < 0 for d in t.dims):
-            raise BadInputError(f"initializer {t.name!r} has a negative dim")
+        check_tensor_payload(t)
         types[t.name] = TensorType(t.data_type, tuple(int(d) for d in t.dims))
 
     inputs = tuple(v.name for v in graph.input if v.name not in initializers)
@@ -378,7 +473,9 @@ def to_model(graph: Graph, fold_constants: bool = False) -> onnx.ModelProto:
     for proto in ctx.output_protos:
         t = graph.types.get(proto.name)
         if not proto.type.tensor_type.HasField("shape") and t is not None and t.shape is not None:
-            proto = onnx.helper.make_tensor_value_info(proto.name, t.dtype, list(t.shape))
+            # dims bound only by --input-shape stay symbolic: the output must run at any binding
+            dims = [f"{proto.name}_dim{i}" if graph.dim_is_bound(proto.name, i) else d for i, d in enumerate(t.shape)]
+            proto = onnx.helper.make_tensor_value_info(proto.name, t.dtype, dims)
         outputs.append(proto)
     g = onnx.helper.make_graph(
         node_protos, ctx.graph_name or "xrlflow", list(ctx.input_protos), outputs,
@@ -443,26 +540,93 @@ def _fold_rewrite_constants(graph: Graph, order: list[str]) -> dict[str, np.ndar
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool = False) -> None:
     """Write atomically (temporary files beside the target, then rename): never half-written.
 
-    With `external_data` (automatic past protobuf's 2 GB limit) the weights go to `<name>.data` beside it.
-    The caller's ModelProto is not modified.
+    With `external_data` (automatic when the model cannot be one protobuf: past 2 GB, or weights still in
+    external files) the weights go to `<name>.data` beside it, streamed tensor by tensor; the model is never
+    serialised whole. The caller's ModelProto is not modified.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise BadInputError(f"{path}: the output folder {path.parent} does not exist")
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
         tmp = Path(tmpdir) / path.name
-        if external_data or model.ByteSize() > (1 << 31) - (1 << 20):
+        if external_data or not fits_in_protobuf(model):
             data_name = f"{path.name}.data"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.external_data_helper.convert_model_to_external_data(
-                copy, all_tensors_to_one_file=True, location=data_name, size_threshold=0,
-            )
-            onnx.save_model(copy, str(tmp))
-            if (Path(tmpdir) / data_name).exists():
-                os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+            write_with_external_data(model, tmp, data_name)
+            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp))
         os.replace(tmp, path)
+
+
+def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write `path` plus `path.parent/data_name`: every tensor of 1 KiB or more goes to the data file.
+
+    Builds a skeleton proto (no payloads) and streams each payload: tensors still in external files are
+    copied in chunks, in-memory ones one at a time, so memory never holds a second copy of the weights."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    graph = model.graph
+    _copy_fields(graph, skeleton.graph, skip="initializer")
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in graph.initializer:
+            stub = skeleton.graph.initializer.add()
+            nbytes = _tensor_nbytes(tensor)
+            if nbytes is None or (tensor.data_location != onnx.TensorProto.EXTERNAL and nbytes < _EXTERNAL_INLINE_BYTES):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    stub.CopyFrom(numpy_helper.from_array(tensor_array(tensor), tensor.name))
+                else:
+                    stub.CopyFrom(tensor)
+                continue
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+            if tensor.doc_string:
+                stub.doc_string = tensor.doc_string
+            if nbytes >= (1 << 20):
+                data.write(b"\0" * (-data.tell() % _EXTERNAL_ALIGN))
+            offset = data.tell()
+            _write_payload(tensor, data)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, value
+    with open(path, "wb") as out:
+        out.write(skeleton.SerializeToString())
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of a proto message except `skip` (no copy of what `skip` holds is ever made)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if descriptor.is_repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+    info = {e.key: e.value for e in tensor.external_data}
+    length = int(info.get("length", -1))
+    return info["location"], int(info.get("offset", 0)), length if length >= 0 else (_tensor_nbytes(tensor) or 0)
+
+
+def _write_payload(tensor: onnx.TensorProto, out) -> None:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        location, offset, length = _external_info(tensor)
+        with open(location, "rb") as source:
+            source.seek(offset)
+            while length > 0:
+                chunk = source.read(min(length, 64 << 20))
+                if not chunk:
+                    raise GraphError(f"external data of {tensor.name!r} ends early in {location}")
+                out.write(chunk)
+                length -= len(chunk)
+    elif tensor.HasField("raw_data"):
+        out.write(tensor.raw_data)
+    else:
+        out.write(numpy_helper.to_array(tensor).tobytes())
 
 
 def graph_to_bytes(graph: Graph) -> bytes:
@@ -470,4 +634,4 @@ def graph_to_bytes(graph: Graph) -> bytes:
     return to_model(graph).SerializeToString()
 
 
-__all__ = ["load_graph", "read_model", "to_model", "save_model", "parse_input_shapes", "graph_to_bytes", "GraphError", "make_attributes"]
+__all__ = ["load_graph", "read_model", "to_model", "save_model", "tensor_array", "weight_bytes", "fits_in_protobuf", "parse_input_shapes", "graph_to_bytes", "GraphError", "make_attributes"]

@@ -65,10 +65,16 @@ def format_summary(report: Mapping[str, Any]) -> str:
     worst_rel = max((o["max_rel_error"] for o in ver["outputs"]), default=0.0)
     rows.append((
         "verification",
-        ("passed" if ver["ok"] else f"FAILED: {ver['reason']}")
+        ("passed" if ver["ok"] else f"NOT POSSIBLE: {ver['reason']}" if ver.get("skipped") else f"FAILED: {ver['reason']}")
         + f" (max abs {worst_abs:.2e}, max rel {worst_rel:.2e}; rtol {ver['rtol']:g}, atol {ver['atol']:g})",
     ))
+    size = report.get("size")
+    if size:
+        rows.append(("size on disk (before -> after)", f"{size['input_bytes']:,} -> {size['output_bytes']:,} bytes "
+                     f"({size['merged_bytes']:,} bytes of merged weights)"))
     lines += _rows_to_text(rows)
+    for warning in report.get("warnings") or ():
+        lines.append(f"  WARNING: {warning}")
     by_rule = report.get("rewrites_by_rule") or {}
     if by_rule:
         lines.append("  rewrites by rule:")

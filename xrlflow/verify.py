@@ -7,7 +7,9 @@ NaN in both outputs at the same place counts as equal.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -35,10 +37,12 @@ class VerifyReport:
     ok: bool
     outputs: list[OutputComparison] = field(default_factory=list)
     reason: str = ""
+    skipped: bool = False  # the original itself cannot run in onnxruntime: nothing to compare against
 
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,
+            "skipped": self.skipped,
             "reason": self.reason,
             "outputs": [vars(o) for o in self.outputs],
         }
@@ -68,13 +72,25 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] 
 
 
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run on the CPU EP. A model that cannot be one protobuf (over 2 GB, or weights left in external files)
+    is written to a temporary folder with external data and onnxruntime is handed the path."""
     import onnxruntime as ort
+
+    from xrlflow.onnx_io import fits_in_protobuf, write_with_external_data
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, dict(feeds))
+    if fits_in_protobuf(model):
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(None, dict(feeds))
+    with tempfile.TemporaryDirectory(prefix="xrlflow-verify-") as folder:
+        path = Path(folder) / "model.onnx"
+        write_with_external_data(model, path, "model.onnx.data")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        outputs = session.run(None, dict(feeds))
+        del session
+        return outputs
 
 
 def compare_outputs(
@@ -119,17 +135,32 @@ def verify_models(
     """Run both models on the same inputs (given, or random) and compare their outputs."""
     if feeds is None:
         feeds = random_inputs(reference, input_shapes, seed)
-    names = [o.name for o in reference.graph.output]
-    if names != [o.name for o in candidate.graph.output]:
-        return VerifyReport(False, reason="output names differ")
     try:
         expected = run_model(reference, feeds)
     except Exception as exc:
-        return VerifyReport(False, reason=f"onnxruntime cannot run the original: {str(exc).splitlines()[0][:200]}")
+        return VerifyReport(False, reason=f"onnxruntime cannot run the original: {first_line(exc)}", skipped=True)
+    return verify_against([o.name for o in reference.graph.output], expected, candidate, feeds, tolerance)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def verify_against(
+    names: list[str],
+    expected: list[np.ndarray],
+    candidate: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    tolerance: Tolerance | Mapping[str, Tolerance] = Tolerance(),
+) -> VerifyReport:
+    """Compare the candidate's outputs on `feeds` with the original's outputs computed once before."""
+    if names != [o.name for o in candidate.graph.output]:
+        return VerifyReport(False, reason="output names differ")
     try:
         actual = run_model(candidate, feeds)
     except Exception as exc:
-        return VerifyReport(False, reason=f"onnxruntime cannot run the rewritten model: {str(exc).splitlines()[0][:200]}")
+        return VerifyReport(False, reason=f"onnxruntime cannot run the rewritten model: {first_line(exc)}")
     report = compare_outputs(names, expected, actual, tolerance)
     if not report.ok:
         bad = [o.name for o in report.outputs if not o.ok]

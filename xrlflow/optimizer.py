@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 import time
 from collections import Counter
@@ -26,9 +27,11 @@ from xrlflow.engine import Match, RewriteEngine
 from xrlflow.errors import BadInputError, GraphError, XrlflowError
 from xrlflow.ir import Graph
 from xrlflow.latency import Latency, LatencyService
-from xrlflow.onnx_io import load_graph, parse_input_shapes, read_model, save_model, to_model
+from xrlflow.onnx_io import fits_in_protobuf, load_graph, parse_input_shapes, read_model, save_model, to_model, weight_bytes
 from xrlflow.search import SEARCH_METHODS, SearchConfig, SearchResult, StepRecord, run_search
-from xrlflow.verify import Tolerance, VerifyReport, load_feeds, random_inputs, verify_models
+from xrlflow.verify import (
+    Tolerance, VerifyReport, first_line, load_feeds, random_inputs, run_model, verify_against, verify_models,
+)
 
 LATENCY_KINDS = ("measured", "cost")
 DEVICES = ("cpu", "cuda")
@@ -58,6 +61,8 @@ class OptimizeConfig:
     disable_rules: tuple[str, ...] | None = None
     inputs: str | None = None  # an .npz of feeds for verification (random feeds otherwise)
     tolerance: Tolerance = Tolerance()
+    output_tolerances: Mapping[str, Tolerance] = field(default_factory=dict)  # per output name, else `tolerance`
+    check_other_shapes: bool = True  # verify again with every bound symbolic dim changed
     progress: bool = False  # a tqdm bar on stderr
 
     def validate(self) -> None:
@@ -75,8 +80,9 @@ class OptimizeConfig:
             raise BadInputError("--budget must be >= 1")
         if self.alpha < 1.0:
             raise BadInputError("--alpha must be >= 1")
-        if not (self.tolerance.rtol >= 0 and self.tolerance.atol >= 0):
-            raise BadInputError("--rtol and --atol must be >= 0")
+        for tol in (self.tolerance, *self.output_tolerances.values()):
+            if not (tol.rtol >= 0 and tol.atol >= 0):
+                raise BadInputError("tolerances (--rtol, --atol, --tolerance) must be >= 0")
 
     @property
     def method(self) -> str:
@@ -150,6 +156,51 @@ def _feeds(config: OptimizeConfig, model: onnx.ModelProto) -> tuple[dict[str, np
             f"unknown: {', '.join(extra) or '-'})"
         )
     return {name: feeds[name] for name in wanted}, str(config.inputs)
+
+
+def other_binding(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+    """The bound input shapes with every dim that is symbolic in the model doubled (equal bound dims stay equal
+    and divisibility is kept); None when no symbolic dim was bound."""
+    changed = False
+    other: dict[str, tuple[int, ...]] = {}
+    for vi in model.graph.input:
+        if vi.name not in input_shapes:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        shape = []
+        for d, size in zip(dims, input_shapes[vi.name]):
+            symbolic = not d.HasField("dim_value")
+            changed |= symbolic
+            shape.append(2 * size if symbolic else size)
+        other[vi.name] = tuple(shape)
+    return other if changed else None
+
+
+def tolerances_by_output(config: OptimizeConfig, model: onnx.ModelProto) -> dict[str, Tolerance]:
+    names = [o.name for o in model.graph.output]
+    unknown = sorted(set(config.output_tolerances) - set(names))
+    if unknown:
+        raise BadInputError(f"--tolerance names unknown output(s) {', '.join(unknown)}; outputs are {', '.join(names)}")
+    return {name: config.output_tolerances.get(name, config.tolerance) for name in names}
+
+
+def _input_size(model_or_path: str | Path | onnx.ModelProto, model: onnx.ModelProto) -> int:
+    """Bytes on disk of the input (the .onnx file plus its external data files), or its serialised size."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return weight_bytes(model) + _skeleton_bytes(model)
+    path = Path(model_or_path)
+    files = {path.resolve()}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in t.external_data if e.key == "location")
+            files.add((path.resolve().parent / location).resolve())
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _skeleton_bytes(model: onnx.ModelProto) -> int:
+    """Serialised size of the model without its weight payloads (what is not counted in weight_bytes)."""
+    return sum(n.ByteSize() for n in model.graph.node) + sum(v.ByteSize() for v in model.graph.input) + \
+        sum(v.ByteSize() for v in model.graph.output)
 
 
 def find_breaking_rewrite(
@@ -303,7 +354,21 @@ def optimize(
     canonical_rules = [r for r in CANONICAL_RULES if r in engine.rule_index]
     graph = prepare_for_search(loaded, engine, canonical_rules)  # e.g. BatchNorm folded, as training sees it
     feeds, feeds_source = _feeds(config, model)
-    service = latency_service or make_latency_service(config.latency, config.device, config.input_shapes)
+    tolerance = tolerances_by_output(config, model)
+    warnings: list[str] = []
+    output_names = [o.name for o in model.graph.output]
+    try:
+        expected: list[np.ndarray] | None = run_model(model, feeds)
+        cannot_run = ""
+    except Exception as exc:  # an op onnxruntime lacks (custom domain), or a model it refuses
+        expected, cannot_run = None, first_line(exc)
+        warnings.append(f"onnxruntime cannot run the input model ({cannot_run}): the output is NOT verified")
+    kind = config.latency
+    if latency_service is None and kind == "measured" and (cannot_run or not fits_in_protobuf(model)):
+        kind = "cost"
+        why = "onnxruntime cannot run the input" if cannot_run else "the model is over 2 GB (the measured service takes bytes)"
+        warnings.append(f"latency could not be measured ({why}): rewrites were chosen by the cost model")
+    service = latency_service or make_latency_service(kind, config.device, config.input_shapes)
 
     result = _search(config, graph, engine, service)
     path = _replay(engine, graph, result.applied)
@@ -313,13 +378,32 @@ def optimize(
     export_started = time.perf_counter()
     optimised = to_model(result.best, fold_constants=True)
     verify_started = time.perf_counter()
-    verification = verify_models(model, optimised, feeds, config.tolerance)
+    if expected is None:
+        verification = VerifyReport(False, reason=f"onnxruntime cannot run the original: {cannot_run}", skipped=True)
+    else:
+        verification = verify_against(output_names, expected, optimised, feeds, tolerance)
+    other_shapes = other_binding(model, config.input_shapes) if config.check_other_shapes else None
+    other_check: dict[str, Any] | None = None
+    if verification.ok and other_shapes is not None:
+        # The search saw one binding of the symbolic dims; the output must compute the same at any other.
+        other_feeds = random_inputs(model, other_shapes, config.seed + 1)
+        try:
+            other_expected = run_model(model, other_feeds)
+        except Exception as exc:
+            warnings.append(f"the input model cannot run at the second binding {other_shapes} ({first_line(exc)})")
+        else:
+            checked = verify_against(output_names, other_expected, optimised, other_feeds, tolerance)
+            other_check = {"input_shapes": {k: list(v) for k, v in other_shapes.items()}, **checked.to_dict()}
+            if not checked.ok:
+                verification, feeds = checked, other_feeds
+                verification.reason = f"at other input shapes {other_shapes}: {checked.reason}"
     broken = None
     verified = time.perf_counter()
-    if not verification.ok:
-        start_check = verify_models(model, to_model(graph, fold_constants=True), feeds, config.tolerance) if graph is not loaded else None
+    failed = not verification.ok and not verification.skipped
+    if failed:
+        start_check = verify_models(model, to_model(graph, fold_constants=True), feeds, tolerance) if graph is not loaded else None
         found = None if start_check is not None and not start_check.ok else find_breaking_rewrite(
-            model, path, result.applied, feeds, config.tolerance)
+            model, path, result.applied, feeds, tolerance)
         if start_check is not None and not start_check.ok:
             broken = {"index": 0, "rule": "canonicalisation (" + ", ".join(canonical_rules) + ")", "bound_nodes": [], "reason": start_check.reason}
         elif found is not None:
@@ -337,7 +421,7 @@ def optimize(
         "speedup_method": "ratio of the two medians",
     }
     compare = getattr(service, "compare", None)
-    if verification.ok and result.applied and callable(compare):
+    if verification.ok and result.applied and callable(compare) and kind == "measured":
         # Separate medians drift with the machine's load; interleaved A/B pairs cancel that drift.
         paired = compare(graph, result.best)
         if paired.ok:
@@ -370,6 +454,14 @@ def optimize(
         "rewrites": _rewrite_entries(path, result.applied),
         "rewrites_by_rule": dict(Counter(m.rule for m in result.applied).most_common()),
         "op_counts": {"before": _op_counts(model), "after": _op_counts(optimised)},  # as ONNX files
+        "size": {
+            "input_bytes": _input_size(model_or_path, model),
+            "output_bytes": weight_bytes(optimised) + _skeleton_bytes(optimised),  # estimate; the file size once written
+            "merged_bytes": _merged_bytes(model, optimised),
+            "weight_bytes_before": weight_bytes(model),
+            "weight_bytes_after": weight_bytes(optimised),
+        },
+        "warnings": warnings,
         "latency_calls": result.latency_calls,
         "graphs_seen": result.graphs_seen,
         "time_s": {
@@ -383,14 +475,25 @@ def optimize(
         "history": [asdict(r) for r in result.history],
         "verification": {
             **verification.to_dict(), "rtol": config.tolerance.rtol, "atol": config.tolerance.atol,
-            "inputs": feeds_source, "provider": "CPUExecutionProvider",
+            "tolerances": {k: [v.rtol, v.atol] for k, v in tolerance.items()},
+            "inputs": feeds_source, "provider": "CPUExecutionProvider", "other_shapes": other_check,
         },
         "broken_rewrite": broken,
     }
-    if not verification.ok:
+    if failed:
         where = f"rewrite #{broken['index']} ({broken['rule']} on {', '.join(broken['bound_nodes'])})" if broken["index"] else broken["rule"]
         raise VerificationError(f"the optimised model does not verify: {verification.reason}; first broken by {where}", report)
     return OptimizeResult(optimised, report, result.best, result)
+
+
+def _merged_bytes(model: onnx.ModelProto, optimised: onnx.ModelProto) -> int:
+    """Bytes of the output's weights that the input does not have (folded merges: concatenated, padded, ...)."""
+    from xrlflow.onnx_io import weight_bytes as _bytes_of_model
+
+    known = {t.name for t in model.graph.initializer}
+    fresh = onnx.ModelProto()
+    fresh.graph.initializer.extend(t for t in optimised.graph.initializer if t.name not in known)
+    return _bytes_of_model(fresh)
 
 
 def _version() -> str:
@@ -440,6 +543,10 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", help="an .npz of inputs for verification (random inputs otherwise)")
     p.add_argument("--rtol", type=float, default=Tolerance.rtol, help=f"verification rtol (default {Tolerance.rtol:g})")
     p.add_argument("--atol", type=float, default=Tolerance.atol, help=f"verification atol (default {Tolerance.atol:g})")
+    p.add_argument("--tolerance", action="append", metavar="NAME=RTOL,ATOL",
+                   help="verification tolerance of one output (repeatable), e.g. logits=1e-3,1e-4")
+    p.add_argument("--no-shape-check", action="store_true",
+                   help="skip the second verification with the bound symbolic dims changed")
     p.add_argument("--external-data", action="store_true", help="write the weights to OUT.onnx.data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -448,12 +555,28 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+def parse_tolerances(specs: Sequence[str] | None) -> dict[str, Tolerance]:
+    """Parse `NAME=RTOL,ATOL` flags."""
+    tolerances: dict[str, Tolerance] = {}
+    for spec in specs or []:
+        name, sep, values = spec.rpartition("=")
+        try:
+            rtol, atol = (float(v) for v in values.split(","))
+            if not sep or not name or not (rtol >= 0 and atol >= 0):
+                raise ValueError
+        except ValueError:
+            raise BadInputError(f"bad --tolerance {spec!r}: expected NAME=RTOL,ATOL with non-negative numbers, e.g. logits=1e-3,1e-4") from None
+        tolerances[name] = Tolerance(rtol=rtol, atol=atol)
+    return tolerances
+
+
 def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     return OptimizeConfig(
         search=args.search, policy=args.policy, device=args.device, latency=args.latency, rollouts=args.rollouts,
         steps=args.steps, budget=args.budget, alpha=args.alpha, input_shapes=parse_input_shapes(args.input_shape),
         seed=args.seed, rules=_rule_list(args.rules), disable_rules=_rule_list(args.disable_rules),
         inputs=args.inputs, tolerance=Tolerance(rtol=args.rtol, atol=args.atol),
+        output_tolerances=parse_tolerances(args.tolerance), check_other_shapes=not args.no_shape_check,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
 
@@ -468,6 +591,11 @@ def check_output_paths(args: argparse.Namespace) -> None:
             raise BadInputError(f"{flag} {target} is the input model; choose another path")
         if Path(target).is_dir():
             raise BadInputError(f"{flag} {target} is a folder; give a file path")
+        folder = Path(target).expanduser().absolute().parent
+        if not folder.is_dir():
+            raise BadInputError(f"{flag} {target}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BadInputError(f"{flag} {target}: the folder {folder} is not writable")
     if args.external_data and _same_file(f"{args.output}.data", model):
         raise BadInputError(f"-o {args.output}: its external data file would overwrite the input")
     if args.policy is not None and not Path(args.policy).exists():
@@ -494,6 +622,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     report["output"] = str(args.output)
     save_model(result.model, args.output, external_data=args.external_data)
     report["written"] = True
+    written = [Path(args.output), Path(f"{args.output}.data")]
+    report["size"]["output_bytes"] = sum(p.stat().st_size for p in written if p.is_file())
     if args.report:
         write_json(args.report, report)
     if args.plot:
@@ -502,6 +632,8 @@ def run_optimize(args: argparse.Namespace) -> int:
             title=f"{Path(args.model).name}: {report['method']}",
         )
     print(format_summary(report))
+    for warning in report["warnings"]:
+        print(f"xrlflow: warning: {warning}", file=sys.stderr)
     print(f"wrote {args.output}" + (f", report {args.report}" if args.report else "") + (f", chart {args.plot}" if args.plot else ""))
     return 0
 
