@@ -42,7 +42,6 @@ def bench_model(name: str, repeat: int) -> dict:
     engine = default_engine()
     enum_times = []
     for _ in range(repeat):
-        fresh = load_graph(model) if not enum_times else graph
         graph.memo().clear()  # drop memoised matches so each run enumerates from scratch
         t = time.perf_counter()
         matches = engine.matches(graph)
