@@ -487,13 +487,13 @@ def optimize(
 
 
 def _merged_bytes(model: onnx.ModelProto, optimised: onnx.ModelProto) -> int:
-    """Bytes of the output's weights that the input does not have (folded merges: concatenated, padded, ...)."""
-    from xrlflow.onnx_io import weight_bytes as _bytes_of_model
-
-    known = {t.name for t in model.graph.initializer}
+    """Bytes of what the rewrites created: weights the input does not have (folded merges: concatenated,
+    padded, ...) and the new nodes themselves."""
+    known_weights = {t.name for t in model.graph.initializer}
+    known_nodes = {n.name for n in model.graph.node}
     fresh = onnx.ModelProto()
-    fresh.graph.initializer.extend(t for t in optimised.graph.initializer if t.name not in known)
-    return _bytes_of_model(fresh)
+    fresh.graph.initializer.extend(t for t in optimised.graph.initializer if t.name not in known_weights)
+    return weight_bytes(fresh) + sum(n.ByteSize() for n in optimised.graph.node if n.name not in known_nodes)
 
 
 def _version() -> str:
