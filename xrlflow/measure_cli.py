@@ -1,4 +1,4 @@
-"""`xrlflow measure FILE` and `xrlflow cache stats|clear`."""
+"""`xrlflow measure FILE...` (locally, or in parallel on a Ray pool) and `xrlflow cache stats|clear`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("measure", help="measure a model's end-to-end latency with onnxruntime (cached)")
-    p.add_argument("model", help="ONNX file")
+    p = sub.add_parser("measure", help="measure models' end-to-end latency with onnxruntime (cached)")
+    p.add_argument("model", nargs="+", help="ONNX file(s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--input-shape", action="append", metavar="NAME=1x128", help="bind a symbolic input dim")
     p.add_argument("--opt-level", default="ORT_ENABLE_ALL", help="onnxruntime graph optimisation level")
@@ -17,6 +17,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="kill the measurement after this many seconds")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the latency cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--ray-address", default=None, metavar="local|auto|HOST:PORT",
+                   help="measure on a Ray pool (local starts Ray on this machine)")
+    p.add_argument("--workers", type=int, default=None, metavar="M",
+                   help="Ray measurement workers (default: one per GPU on cuda, else 1); needs --ray-address")
     p.set_defaults(handler=run_measure)
 
     c = sub.add_parser("cache", help="inspect or clear the latency cache")
@@ -26,35 +30,54 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def run_measure(args: argparse.Namespace) -> int:
-    from xrlflow.measure import MeasureConfig, MeasuredLatency
+    import sys
+
+    from xrlflow.errors import BadInputError
+    from xrlflow.measure import MeasureConfig
     from xrlflow.onnx_io import load_graph, parse_input_shapes
 
+    if args.workers is not None and args.ray_address is None:
+        raise BadInputError("--workers needs --ray-address (local starts Ray on this machine)")
+    if args.workers is not None and args.workers < 1:
+        raise BadInputError(f"--workers must be at least 1, got {args.workers}")
     config = MeasureConfig(
         device=args.device, opt_level=args.opt_level, intra_op_threads=args.threads,
         max_seconds=args.max_seconds, timeout_s=args.timeout, cache_path="" if args.no_cache else None,
     )
-    graph = load_graph(args.model, parse_input_shapes(args.input_shape))
-    with MeasuredLatency(config) as service:
-        result = service.latency(graph)
-        report = {
-            "model": args.model, "device": service.device, "provider": config.provider,
-            "onnxruntime": service.ort_version, "opt_level": config.opt_level, "ok": result.ok,
-            "median_ms": result.ms if result.ok else None, "ci95_ms": [result.low_ms, result.high_ms] if result.ok else None,
-            "runs": result.runs, "source": result.source, "reason": result.reason,
-        }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    elif result.ok:
-        print(
-            f"{args.model}: {result.ms:.4f} ms median (95% CI {result.low_ms:.4f}-{result.high_ms:.4f}, "
-            f"{result.runs} runs, {result.source}) on {service.device}, {config.provider}, onnxruntime {service.ort_version}"
-        )
-    if not result.ok:
-        import sys
+    shapes = parse_input_shapes(args.input_shape)
+    graphs = [load_graph(path, shapes) for path in args.model]
+    if args.ray_address is None:
+        from xrlflow.measure import MeasuredLatency
 
-        print(f"xrlflow: error: measurement failed: {result.reason}", file=sys.stderr)
-        return 2
-    return 0
+        with MeasuredLatency(config) as service:
+            results = [service.latency(g) for g in graphs]
+            device, ort_version = service.device, service.ort_version
+    else:
+        from xrlflow.distributed import MeasurementPool, PoolConfig, RaySession
+
+        with RaySession(args.ray_address), MeasurementPool(PoolConfig(config, workers=args.workers)) as pool:
+            results = pool.latencies(graphs)
+            device, ort_version = pool.client.device, pool.client.ort_version
+    reports = [{
+        "model": path, "device": device, "provider": config.provider, "onnxruntime": ort_version,
+        "opt_level": config.opt_level, "ok": result.ok, "median_ms": result.ms if result.ok else None,
+        "ci95_ms": [result.low_ms, result.high_ms] if result.ok else None, "runs": result.runs,
+        "source": result.source, "reason": result.reason,
+    } for path, result in zip(args.model, results)]
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    else:
+        for path, result in zip(args.model, results):
+            if result.ok:
+                print(
+                    f"{path}: {result.ms:.4f} ms median (95% CI {result.low_ms:.4f}-{result.high_ms:.4f}, "
+                    f"{result.runs} runs, {result.source}) on {device}, {config.provider}, onnxruntime {ort_version}"
+                )
+    failed = [(path, r) for path, r in zip(args.model, results) if not r.ok]
+    for path, result in failed:
+        where = f"{path}: " if len(args.model) > 1 else ""
+        print(f"xrlflow: error: {where}measurement failed: {result.reason}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def run_cache(args: argparse.Namespace) -> int:

@@ -55,6 +55,8 @@ class TrainConfig:
     runs_dir: str = "runs"
     checkpoints_dir: str = "checkpoints"
     progress: bool = True
+    ray_address: str | None = None  # None: envs in this process; local | auto | HOST:PORT: envs as Ray actors
+    measure_workers: int | None = None  # Ray measurement actors (None: one per GPU on cuda, else 1)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -71,6 +73,10 @@ class TrainConfig:
             raise BadInputError("--lr must be positive")
         if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):
             raise BadInputError(f"--run-name {self.run_name!r}: use a plain folder name")
+        if self.measure_workers is not None and self.ray_address is None:
+            raise BadInputError("--measure-workers needs --ray-address (local starts Ray on this machine)")
+        if self.measure_workers is not None and self.measure_workers < 1:
+            raise BadInputError(f"measure-workers must be at least 1, got {self.measure_workers}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -121,7 +127,8 @@ def env_config_for(graphs: Sequence[tuple[str, Any]], cfg: TrainConfig):
                      max_steps=cfg.max_steps)
 
 
-def make_vec_env(graphs, latency, env_config, num_envs: int):
+def make_vec_env(graphs, latency, env_config, num_envs: int, ray: bool = False):
+    """DummyVecEnv, or with `ray` a RayVecEnv whose sub-envs are Ray actors (connect to Ray first)."""
     from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -132,7 +139,19 @@ def make_vec_env(graphs, latency, env_config, num_envs: int):
     def factory():
         return Monitor(GraphRewriteEnv(graphs, latency, env_config), info_keywords=info_keywords)
 
+    if ray:
+        from xrlflow.distributed import make_ray_vec_env
+
+        return make_ray_vec_env([factory for _ in range(num_envs)])
     return DummyVecEnv([factory for _ in range(num_envs)])
+
+
+def make_pooled_latency_service(device: str, workers: int | None):
+    """The measured latency service on a Ray measurement pool (one actor per GPU on cuda)."""
+    from xrlflow.distributed import MeasurementPool, PoolConfig
+    from xrlflow.measure import MeasureConfig
+
+    return MeasurementPool(PoolConfig(MeasureConfig(device=device), workers=workers))
 
 
 def normalize_rewards(vec_env, gamma: float, stats_path: Path | None = None):
@@ -216,11 +235,9 @@ def train(cfg: TrainConfig, resume: bool = False, graphs=None, latency=None) -> 
     """Train (or resume) a run; returns the final checkpoint metadata. `graphs`/`latency` override the zoo
     models and the latency kind (tests, benchmarks)."""
     import torch
-    from sb3_contrib import MaskablePPO
 
-    from xrlflow.agents import CandidateGNNPolicy, PolicyConfig, check_fingerprint, read_meta
+    from xrlflow.agents import check_fingerprint, read_meta
     from xrlflow.agents.checkpoint import POLICY_FILE
-    from xrlflow.rules import RULE_FINGERPRINT, rule_names
 
     if cfg.policy_device == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--policy-device cuda: this torch build sees no CUDA device")
@@ -240,15 +257,35 @@ def train(cfg: TrainConfig, resume: bool = False, graphs=None, latency=None) -> 
         raise BadInputError(f"{run_dir} already holds a run; use --resume or another --run-name")
 
     graphs = graphs if graphs is not None else load_zoo_graphs(cfg.models, cfg.small)
-    latency = latency if latency is not None else make_latency_service(cfg.latency, cfg.device)
+    if cfg.ray_address is None:
+        return _train_with(cfg, resume, previous, graphs,
+                           latency if latency is not None else make_latency_service(cfg.latency, cfg.device))
+    from xrlflow.distributed import RaySession
+
+    with RaySession(cfg.ray_address):
+        if latency is not None or cfg.latency != "measured":
+            return _train_with(cfg, resume, previous, graphs,
+                               latency if latency is not None else make_latency_service(cfg.latency, cfg.device))
+        with make_pooled_latency_service(cfg.device, cfg.measure_workers) as pool:
+            return _train_with(cfg, resume, previous, graphs, pool.client)
+
+
+def _train_with(cfg: TrainConfig, resume: bool, previous: dict[str, Any], graphs, latency) -> dict[str, Any]:
+    from sb3_contrib import MaskablePPO
+
+    from xrlflow.agents import CandidateGNNPolicy, PolicyConfig, read_meta
+    from xrlflow.agents.checkpoint import POLICY_FILE
+    from xrlflow.rules import RULE_FINGERPRINT, rule_names
+
+    run_dir = cfg.run_dir
     if resume:
         from xrlflow.envs import EnvConfig
 
         env_config = EnvConfig.from_dict(previous["env_config"])
     else:
         env_config = env_config_for(graphs, cfg)
-    vec_env = normalize_rewards(make_vec_env(graphs, latency, env_config, cfg.num_envs), cfg.gamma,
-                                run_dir / REWARD_STATS_FILE if resume else None)
+    vec_env = normalize_rewards(make_vec_env(graphs, latency, env_config, cfg.num_envs, ray=cfg.ray_address is not None),
+                                cfg.gamma, run_dir / REWARD_STATS_FILE if resume else None)
     policy_config = PolicyConfig(hidden=cfg.hidden, layers=cfg.layers)
     meta_base = {
         "rule_fingerprint": RULE_FINGERPRINT,
@@ -306,6 +343,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default=d.runs_dir)
     p.add_argument("--checkpoints-dir", default=d.checkpoints_dir)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ray-address", default=None, metavar="local|auto|HOST:PORT",
+                   help="run the envs as Ray actors (and measure on a Ray pool); local starts Ray here")
+    p.add_argument("--measure-workers", type=int, default=None, metavar="M",
+                   help="Ray measurement actors for --latency measured (default: one per GPU on cuda, else 1)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -316,7 +357,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.epochs, max_steps=args.max_steps,
         max_candidates=args.max_candidates, hidden=args.hidden, layers=args.layers,
         checkpoint_every=args.checkpoint_every, torch_threads=args.torch_threads, runs_dir=args.runs_dir,
-        checkpoints_dir=args.checkpoints_dir, progress=not args.no_progress,
+        checkpoints_dir=args.checkpoints_dir, progress=not args.no_progress, ray_address=args.ray_address,
+        measure_workers=args.measure_workers,
     )
 
 
