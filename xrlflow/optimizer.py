@@ -362,6 +362,9 @@ def optimize(
         cannot_run = ""
     except Exception as exc:  # an op onnxruntime lacks (custom domain), or a model it refuses
         expected, cannot_run = None, first_line(exc)
+        if "ShapeInferenceError" in cannot_run or "TypeInferenceError" in cannot_run:
+            # not a missing kernel: the model's own shapes or types contradict each other
+            raise BadInputError(f"the model is inconsistent: {cannot_run}") from None
         warnings.append(f"onnxruntime cannot run the input model ({cannot_run}): the output is NOT verified")
     kind = config.latency
     if latency_service is None and kind == "measured" and (cannot_run or not fits_in_protobuf(model)):
