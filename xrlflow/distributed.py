@@ -479,6 +479,11 @@ class MeasurementPool:
         ray = _import_ray()
         if not ray.is_initialized():
             raise BadInputError("the measurement pool needs a Ray connection (--ray-address)")
+        if config.measure.cache_path is None:  # the driver's default (its environment), not the actor's
+            from xrlflow.latency_cache import default_cache_path
+
+            config = dataclasses.replace(config, measure=dataclasses.replace(
+                config.measure, cache_path=str(default_cache_path())))
         self.config = config
         workers = self._worker_count(ray.cluster_resources())
         self.coordinator = ray.remote(MeasurementCoordinator).options(
