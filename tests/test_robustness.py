@@ -365,3 +365,65 @@ def test_python_api_mirrors_the_cli(tmp_path):
     from_proto = xrlflow.optimize(onnx.load(path), search="greedy", latency="cost", rules=["merge-parallel-matmul"])
     assert from_proto.model.SerializeToString() == result.model.SerializeToString()
     assert callable(xrlflow.optimize) and hasattr(__import__("xrlflow.optimizer").optimizer, "OptimizeConfig")
+
+
+# ---- over 2 GB -------------------------------------------------------------------------------------------------
+_BIG_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    from xrlflow.cli import main
+    rc = main(sys.argv[1:])
+    print(json.dumps({"rc": rc, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+""")
+
+
+def _big_model(folder, vocab: int, width: int = 1024) -> tuple[onnx.ModelProto, int]:
+    """A Gather embedding table over 2 GiB in external data (written sparse: only the rows ids reach hold
+    numbers) feeding two mergeable projections; the table never exists in this process's memory."""
+    b = ModelBuilder(12)
+    ids = b.input("ids", [2, 4], TensorProto.INT64)
+    table = TensorProto(name="table", data_type=TensorProto.FLOAT, dims=[vocab, width])
+    table.data_location = TensorProto.EXTERNAL
+    nbytes = vocab * width * 4
+    for key, value in (("location", "big.onnx.data"), ("offset", "0"), ("length", str(nbytes))):
+        entry = table.external_data.add()
+        entry.key, entry.value = key, value
+    with open(folder / "big.onnx.data", "wb") as data:
+        data.write(np.random.default_rng(0).standard_normal((16, width)).astype(np.float32).tobytes())
+        data.truncate(nbytes)
+    embedded = b.op("Gather", ["table", ids], axis=0)
+    q, k = _projections(b, embedded, width, n=2)  # weights (1024 x 1024) stay inline
+    b.output(b.op("Add", [q, k]))
+    graph = helper.make_graph(b.nodes, "big", b.inputs, [helper.make_tensor_value_info(b.outputs[0], TensorProto.FLOAT, [2, 4, width])],
+                              [table] + b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), nbytes
+
+
+@pytest.mark.slow
+def test_model_over_2gb_loads_optimises_and_writes_external_data(tmp_path):
+    model, table_bytes = _big_model(tmp_path, vocab=525_000)
+    assert table_bytes > 1 << 31
+    path = tmp_path / "big.onnx"
+    path.write_bytes(model.SerializeToString())  # the skeleton: the table lives in big.onnx.data
+    out, report_path = tmp_path / "out" / "big.opt.onnx", tmp_path / "r.json"
+    out.parent.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _BIG_SCRIPT, "optimize", str(path), "-o", str(out), "--search", "greedy", "--latency", "cost",
+         "--device", "cuda", "--rules", "merge-parallel-matmul", "--external-data", "--report", str(report_path), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert stats["rc"] == 0
+    print(f"peak RSS {stats['peak_rss_bytes'] / 2**30:.2f} GiB for {table_bytes / 2**30:.2f} GiB of weights")
+    assert stats["peak_rss_bytes"] < 2 * table_bytes, stats  # memory within ~2x the weights
+    report = json.loads(report_path.read_text())
+    assert report["verification"]["ok"] and report["rewrites_by_rule"] == {"merge-parallel-matmul": 1}
+    assert out.stat().st_size < 1 << 20  # the .onnx file is a skeleton; weights are in OUT.data
+    data = out.parent / "big.opt.onnx.data"
+    assert data.stat().st_size >= table_bytes
+    skeleton = onnx.load(out, load_external_data=False)
+    table = next(t for t in skeleton.graph.initializer if t.name == "table")
+    assert table.data_location == TensorProto.EXTERNAL
+    assert {e.key: e.value for e in table.external_data}["location"] == "big.opt.onnx.data"
+    feeds = {"ids": np.array([[0, 3, 5, 15], [1, 2, 9, 4]], np.int64)}
+    np.testing.assert_allclose(_run(out, feeds)[0], _run(path, feeds)[0], rtol=1e-4, atol=1e-4)
