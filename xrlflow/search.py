@@ -136,6 +136,19 @@ def _children(engine: RewriteEngine, graph: Graph, limit: int) -> list[tuple[Mat
     return out
 
 
+def _begin(graph: Graph, service: LatencyService) -> tuple[float, TimedLatency, Latency]:
+    """The start time, the search's latency wrapper and the input's latency: the first incumbent."""
+    started = time.perf_counter()
+    evaluate = TimedLatency(service)
+    return started, evaluate, evaluate(graph)
+
+
+def _log_step(history: list[StepRecord], on_step: StepCallback | None, record: StepRecord) -> None:
+    history.append(record)
+    if on_step:
+        on_step(record)
+
+
 def greedy_search(
     graph: Graph,
     engine: RewriteEngine,
@@ -144,9 +157,7 @@ def greedy_search(
     on_step: StepCallback | None = None,
 ) -> SearchResult:
     """Apply the best immediate improvement until no match improves (or `steps` rewrites were applied)."""
-    started = time.perf_counter()
-    evaluate = TimedLatency(service)
-    initial_latency = evaluate(graph)
+    started, evaluate, initial_latency = _begin(graph, service)
     current, current_latency = graph, initial_latency
     applied: list[Match] = []
     history: list[StepRecord] = []
@@ -163,10 +174,7 @@ def greedy_search(
             break
         match, current, current_latency = best_child
         applied.append(match)
-        record = StepRecord(step, _ms(current_latency), _ms(current_latency), len(children))
-        history.append(record)
-        if on_step:
-            on_step(record)
+        _log_step(history, on_step, StepRecord(step, _ms(current_latency), _ms(current_latency), len(children)))
     return finish_result("greedy", graph, current, initial_latency, current_latency, applied, history, evaluate, started, len(seen))
 
 
@@ -183,9 +191,7 @@ def backtracking_search(
     a new graph (dedup by structural hash) is queued when its latency is below alpha x the best so far, so
     the search may pass through slower graphs to reach faster ones. Stops after `budget` expansions.
     """
-    started = time.perf_counter()
-    evaluate = TimedLatency(service)
-    initial_latency = evaluate(graph)
+    started, evaluate, initial_latency = _begin(graph, service)
     best, best_latency, best_path = graph, initial_latency, []
     order = 0  # tie-breaker: first queued first
     queue: list[tuple[float, int, Graph, tuple[Match, ...]]] = [(_ms(initial_latency), order, graph, ())]
@@ -211,10 +217,7 @@ def backtracking_search(
             if child_ms < config.alpha * _ms(best_latency):
                 order += 1
                 heapq.heappush(queue, (child_ms, order, child, child_path))
-        record = StepRecord(expansions, latency_ms, _ms(best_latency), len(children))
-        history.append(record)
-        if on_step:
-            on_step(record)
+        _log_step(history, on_step, StepRecord(expansions, latency_ms, _ms(best_latency), len(children)))
     return finish_result("backtrack", graph, best, initial_latency, best_latency, best_path, history, evaluate, started, len(seen))
 
 
@@ -226,10 +229,8 @@ def random_search(
     on_step: StepCallback | None = None,
 ) -> SearchResult:
     """`rollouts` random walks of up to `steps` uniformly chosen rewrites each; the best graph on any walk wins."""
-    started = time.perf_counter()
+    started, evaluate, initial_latency = _begin(graph, service)
     rng = random.Random(config.seed)
-    evaluate = TimedLatency(service)
-    initial_latency = evaluate(graph)
     best, best_latency, best_path = graph, initial_latency, []
     history: list[StepRecord] = []
     seen = {graph.structural_hash()}
@@ -255,10 +256,7 @@ def random_search(
             if _better(latency, best_latency, config.min_improvement):
                 best, best_latency, best_path = current, latency, list(path)
             step_count += 1
-            record = StepRecord(step_count, _ms(latency), _ms(best_latency), available, rollout)
-            history.append(record)
-            if on_step:
-                on_step(record)
+            _log_step(history, on_step, StepRecord(step_count, _ms(latency), _ms(best_latency), available, rollout))
     return finish_result("random", graph, best, initial_latency, best_latency, best_path, history, evaluate, started, len(seen))
 
 
