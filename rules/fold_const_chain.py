@@ -42,6 +42,33 @@ def shape_of(g: Graph, *values: str) -> tuple[int, ...] | None:
     return broadcast_shape(*shapes)  # type: ignore[arg-type]
 
 
+def read_once_producer(g: Graph, value: str, op: str, reader: Node) -> Node | None:
+    """The `op` node that computes `value`, when `reader` is the only node that reads it."""
+    if sole_reader(g, value) is not reader:
+        return None
+    return producer_op(g, value, op)
+
+
+def regroup(g: Graph, origin: str, outer: Node, grouped: tuple[str, str], outside: str, grouped_first: bool) -> Graph:
+    """`outer`'s output recomputed as op(outside, op(*grouped)), or op(op(*grouped), outside) when `grouped_first`."""
+    e = g.edit(origin)
+    inner = e.add1(outer.op_type, list(grouped), TensorType(g.dtype(grouped[0]), shape_of(g, *grouped)))  # type: ignore[arg-type]
+    operands = [inner, outside] if grouped_first else [outside, inner]
+    e.replace_value(outer.outputs[0], e.add1(outer.op_type, operands, g.types[outer.outputs[0]]))
+    return e.commit()
+
+
+def constant_links(g: Graph) -> Iterator[tuple[str, Node, str, str]]:
+    """(op, node, computed operand, constant operand) for every plain Add/Mul with exactly one constant input."""
+    for op in CHAIN_OPS:
+        for outer in g.by_op(op):
+            if not plain(outer):
+                continue
+            split_outer = constant_operand(g, outer)
+            if split_outer is not None:
+                yield (op, outer, *split_outer)
+
+
 def is_scalar_constant(g: Graph, value: str) -> bool:
     t = g.types.get(value)
     return g.is_constant(value) and t is not None and t.numel() == 1
@@ -56,36 +83,26 @@ class FoldConstChain(Rule):
     reverse = "unfold-const-chain"
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
-        for op in CHAIN_OPS:
-            for outer in g.by_op(op):
-                if not plain(outer):
-                    continue
-                split_outer = constant_operand(g, outer)
-                if split_outer is None:
-                    continue
-                inner_out, c2 = split_outer
-                inner = producer_op(g, inner_out, op)
-                if inner is None or sole_reader(g, inner_out) is not outer:
-                    continue
-                split_inner = constant_operand(g, inner)
-                if split_inner is None:
-                    continue
-                x, c1 = split_inner
-                if len({g.dtype(v) for v in (x, c1, c2)}) != 1:
-                    continue
-                folded = shape_of(g, c1, c2)
-                if folded is None or broadcast_shape(g.static_shape(x), folded) != g.static_shape(outer.outputs[0]):  # type: ignore[arg-type]
-                    continue
-                yield (outer.name, inner.name), ()
+        for op, outer, inner_out, c2 in constant_links(g):
+            inner = read_once_producer(g, inner_out, op, outer)
+            if inner is None:
+                continue
+            split_inner = constant_operand(g, inner)
+            if split_inner is None:
+                continue
+            x, c1 = split_inner
+            if len({g.dtype(v) for v in (x, c1, c2)}) != 1:
+                continue
+            folded = shape_of(g, c1, c2)
+            if folded is None or broadcast_shape(g.static_shape(x), folded) != g.static_shape(outer.outputs[0]):  # type: ignore[arg-type]
+                continue
+            yield (outer.name, inner.name), ()
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         outer, inner = g.nodes[nodes[0]], g.nodes[nodes[1]]
         _, c2 = constant_operand(g, outer)  # type: ignore[misc]
         x, c1 = constant_operand(g, inner)  # type: ignore[misc]
-        e = g.edit(self.name)
-        c = e.add1(outer.op_type, [c1, c2], TensorType(g.dtype(c1), shape_of(g, c1, c2)))  # type: ignore[arg-type]
-        e.replace_value(outer.outputs[0], e.add1(outer.op_type, [x, c], g.types[outer.outputs[0]]))
-        return e.commit()
+        return regroup(g, self.name, outer, (c1, c2), x, grouped_first=False)
 
 
 class UnfoldConstChain(Rule):
@@ -98,33 +115,23 @@ class UnfoldConstChain(Rule):
     reverse = "fold-const-chain"
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
-        for op in CHAIN_OPS:
-            for outer in g.by_op(op):
-                if not plain(outer):
-                    continue
-                split_outer = constant_operand(g, outer)
-                if split_outer is None:
-                    continue
-                x, c = split_outer
-                folded = producer_op(g, c, op)
-                if folded is None or sole_reader(g, c) is not outer:
-                    continue
-                c1, c2 = folded.inputs
-                if not (g.is_constant(c1) and g.is_constant(c2)) or len({g.dtype(v) for v in (x, c1, c2)}) != 1:
-                    continue
-                step = shape_of(g, x, c1)
-                if step is None or broadcast_shape(step, g.static_shape(c2)) != g.static_shape(outer.outputs[0]):  # type: ignore[arg-type]
-                    continue
-                yield (outer.name, folded.name), ()
+        for op, outer, x, c in constant_links(g):
+            folded = read_once_producer(g, c, op, outer)
+            if folded is None:
+                continue
+            c1, c2 = folded.inputs
+            if not (g.is_constant(c1) and g.is_constant(c2)) or len({g.dtype(v) for v in (x, c1, c2)}) != 1:
+                continue
+            step = shape_of(g, x, c1)
+            if step is None or broadcast_shape(step, g.static_shape(c2)) != g.static_shape(outer.outputs[0]):  # type: ignore[arg-type]
+                continue
+            yield (outer.name, folded.name), ()
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         outer, folded = g.nodes[nodes[0]], g.nodes[nodes[1]]
         x, _ = constant_operand(g, outer)  # type: ignore[misc]
         c1, c2 = folded.inputs
-        e = g.edit(self.name)
-        step = e.add1(outer.op_type, [x, c1], TensorType(g.dtype(x), shape_of(g, x, c1)))  # type: ignore[arg-type]
-        e.replace_value(outer.outputs[0], e.add1(outer.op_type, [step, c2], g.types[outer.outputs[0]]))
-        return e.commit()
+        return regroup(g, self.name, outer, (x, c1), c2, grouped_first=True)
 
 
 class FoldScaleIntoMatMul(Rule):

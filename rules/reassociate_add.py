@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
-from xrlflow.ir import Graph, Node, TensorType
+from xrlflow.ir import Graph, Node
 from xrlflow.rules.common import broadcast_shape, plain, sole_reader
 from xrlflow.rules.factor_matmul_add import matmul_pair_shares_input, other_operand, shared_factors
-from xrlflow.rules.fold_const_chain import shape_of
+from xrlflow.rules.fold_const_chain import read_once_producer, regroup, shape_of
 from xrlflow.rules.reassociate_matmul import computed, producer_op
 
 CHAIN_OPS = ("Add", "Mul")
@@ -62,8 +62,8 @@ class ReassociateAdd(Rule):
                 if not plain(outer) or not computed(g, outer.outputs[0]):
                     continue
                 inner_out, c = outer.inputs
-                inner = producer_op(g, inner_out, op)
-                if inner is None or sole_reader(g, inner_out) is not outer:
+                inner = read_once_producer(g, inner_out, op, outer)
+                if inner is None:
                     continue
                 for position in (0, 1) if inner.inputs[0] != inner.inputs[1] else (0,):
                     a, b = inner.inputs[position], inner.inputs[1 - position]
@@ -74,10 +74,7 @@ class ReassociateAdd(Rule):
         outer, inner = g.nodes[nodes[0]], g.nodes[nodes[1]]
         (position,) = params
         a, b, c = inner.inputs[position], inner.inputs[1 - position], outer.inputs[1]
-        e = g.edit(self.name)
-        grouped = e.add1(outer.op_type, [b, c], TensorType(g.dtype(c), shape_of(g, b, c)))  # type: ignore[arg-type]
-        e.replace_value(outer.outputs[0], e.add1(outer.op_type, [a, grouped], g.types[outer.outputs[0]]))
-        return e.commit()
+        return regroup(g, self.name, outer, (b, c), a, grouped_first=False)
 
 
 class ReassociateAddLeft(Rule):
@@ -95,8 +92,8 @@ class ReassociateAddLeft(Rule):
                 if not plain(outer) or not computed(g, outer.outputs[0]):
                     continue
                 a, inner_out = outer.inputs
-                inner = producer_op(g, inner_out, op)
-                if inner is None or sole_reader(g, inner_out) is not outer:
+                inner = read_once_producer(g, inner_out, op, outer)
+                if inner is None:
                     continue
                 for position in (0, 1) if inner.inputs[0] != inner.inputs[1] else (0,):
                     joins, stays = inner.inputs[position], inner.inputs[1 - position]
@@ -107,7 +104,4 @@ class ReassociateAddLeft(Rule):
         outer, inner = g.nodes[nodes[0]], g.nodes[nodes[1]]
         (position,) = params
         a, joins, stays = outer.inputs[0], inner.inputs[position], inner.inputs[1 - position]
-        e = g.edit(self.name)
-        grouped = e.add1(outer.op_type, [a, joins], TensorType(g.dtype(a), shape_of(g, a, joins)))  # type: ignore[arg-type]
-        e.replace_value(outer.outputs[0], e.add1(outer.op_type, [grouped, stays], g.types[outer.outputs[0]]))
-        return e.commit()
+        return regroup(g, self.name, outer, (a, joins), stays, grouped_first=True)
