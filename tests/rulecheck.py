@@ -88,3 +88,20 @@ def assert_rule_preserves(model: onnx.ModelProto, rule: str, tolerance: Toleranc
 def assert_no_match(model: onnx.ModelProto, rule: str) -> None:
     graph = load_graph(model)
     assert matches_of(graph, rule) == [], f"{rule} matched a near miss"
+
+
+def round_trip(model: onnx.ModelProto, forward: str, reverse: str, tolerance: Tolerance = FP32) -> tuple[list[Graph], list[Graph]]:
+    """Apply every `forward` match, then every `reverse` match of each result; all must equal the original."""
+    results = assert_rule_preserves(model, forward, tolerance)
+    backs = []
+    for result in results:
+        for back in assert_rule_preserves(to_model(result), reverse, tolerance):
+            report = verify_models(model, to_model(back, fold_constants=True), tolerance=tolerance)
+            assert report.ok, report.to_dict()
+            backs.append(back)
+    return results, backs
+
+
+def dims(rng: np.random.Generator, n: int, low: int = 1, high: int = 5) -> list[int]:
+    """`n` random dimensions in [low, high)."""
+    return [int(d) for d in rng.integers(low, high, size=n)]

@@ -1,24 +1,6 @@
 import pytest
 
-from tests.rulecheck import FP32, ModelBuilder, assert_no_match, assert_rule_preserves, load_graph
-from xrlflow.onnx_io import to_model
-from xrlflow.verify import verify_models
-
-
-def round_trip(model, forward, reverse, tolerance=FP32):
-    """Apply every `forward` match, then every `reverse` match of each result; all must equal the original."""
-    results = assert_rule_preserves(model, forward, tolerance)
-    backs = []
-    for result in results:
-        for back in assert_rule_preserves(to_model(result), reverse, tolerance):
-            report = verify_models(model, to_model(back, fold_constants=True), tolerance=tolerance)
-            assert report.ok, report.to_dict()
-            backs.append(back)
-    return results, backs
-
-
-def dims(rng, n, low=1, high=5):
-    return [int(d) for d in rng.integers(low, high, size=n)]
+from tests.rulecheck import ModelBuilder, assert_no_match, assert_rule_preserves, dims, load_graph, round_trip
 
 
 def _swap_last_two(rank):
