@@ -53,6 +53,15 @@ def _aligned_axis(constant_shape: tuple[int, ...], rank: int, axis: int) -> int 
     return aligned if aligned >= 0 else None
 
 
+def _constant_binaries(g: Graph) -> Iterator[tuple[Node, str, str]]:
+    """(node, activation, constant) for every plain Add/Mul of an activation with a constant."""
+    for op in BINARY_OPS:
+        for node in g.by_op(op):
+            ops = _operands(g, node)
+            if ops is not None:
+                yield node, ops[0], ops[1]
+
+
 def _constant_fits(
     g: Graph, constant: str, activation_shape: tuple[int, ...], dtype: int, axis: int, size: int
 ) -> int | None:
@@ -159,30 +168,25 @@ class SinkConstBinaryBelowSplit(Rule):
     reverse = "hoist-const-binary-above-split"
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
-        for op in BINARY_OPS:
-            for node in g.by_op(op):
-                ops = _operands(g, node)
-                if ops is None:
-                    continue
-                x, constant, _ = ops
-                split_node = sole_reader(g, node.outputs[0])
-                if split_node is None or split_node.op_type != "Split" or not plain(split_node):
-                    continue
-                if split_node.inputs[0] != node.outputs[0] or not split_node.outputs or not all(split_node.outputs):
-                    continue
-                x_shape = g.static_shape(x)
-                if x_shape is None or not x_shape or g.static_shape(node.outputs[0]) != x_shape:
-                    continue
-                if not all(out in g.types for out in split_node.outputs):
-                    continue
-                axis = normalize_axis(split_node.attr("axis", 0), len(x_shape))
-                sizes = split_sizes(g, split_node)
-                if sizes is None or len(sizes) != len(split_node.outputs) or min(sizes) <= 0 or sum(sizes) != x_shape[axis]:
-                    continue
-                aligned = _constant_fits(g, constant, x_shape, g.dtype(x), axis, x_shape[axis])  # type: ignore[arg-type]
-                if aligned is None:
-                    continue
-                yield (node.name, split_node.name), (aligned, tuple(sizes))
+        for node, x, constant in _constant_binaries(g):
+            split_node = sole_reader(g, node.outputs[0])
+            if split_node is None or split_node.op_type != "Split" or not plain(split_node):
+                continue
+            if split_node.inputs[0] != node.outputs[0] or not split_node.outputs or not all(split_node.outputs):
+                continue
+            x_shape = g.static_shape(x)
+            if x_shape is None or not x_shape or g.static_shape(node.outputs[0]) != x_shape:
+                continue
+            if not all(out in g.types for out in split_node.outputs):
+                continue
+            axis = normalize_axis(split_node.attr("axis", 0), len(x_shape))
+            sizes = split_sizes(g, split_node)
+            if sizes is None or len(sizes) != len(split_node.outputs) or min(sizes) <= 0 or sum(sizes) != x_shape[axis]:
+                continue
+            aligned = _constant_fits(g, constant, x_shape, g.dtype(x), axis, x_shape[axis])  # type: ignore[arg-type]
+            if aligned is None:
+                continue
+            yield (node.name, split_node.name), (aligned, tuple(sizes))
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         aligned, sizes = params
@@ -276,30 +280,25 @@ class SinkConstBinaryIntoConcat(Rule):
     reverse = "hoist-const-binary-over-concat"
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
-        for op in BINARY_OPS:
-            for node in g.by_op(op):
-                ops = _operands(g, node)
-                if ops is None:
-                    continue
-                joined, constant, _ = ops
-                concat_node = g.producer_of(joined)
-                if concat_node is None or concat_node.op_type != "Concat" or not plain(concat_node):
-                    continue
-                reader = sole_reader(g, joined)
-                if reader is None or reader.name != node.name or not all(concat_node.inputs):
-                    continue
-                shape = g.static_shape(joined)
-                if shape is None or not shape or g.static_shape(node.outputs[0]) != shape:
-                    continue
-                axis = normalize_axis(concat_node.attr("axis", 0), len(shape))
-                input_shapes = [g.static_shape(v) for v in concat_node.inputs]
-                if any(s is None or len(s) != len(shape) or s[axis] <= 0 for s in input_shapes):
-                    continue
-                aligned = _constant_fits(g, constant, shape, g.dtype(joined), axis, shape[axis])  # type: ignore[arg-type]
-                if aligned is None:
-                    continue
-                sizes = tuple(s[axis] for s in input_shapes)  # type: ignore[index]
-                yield (node.name, concat_node.name), (aligned, sizes)
+        for node, joined, constant in _constant_binaries(g):
+            concat_node = g.producer_of(joined)
+            if concat_node is None or concat_node.op_type != "Concat" or not plain(concat_node):
+                continue
+            reader = sole_reader(g, joined)
+            if reader is None or reader.name != node.name or not all(concat_node.inputs):
+                continue
+            shape = g.static_shape(joined)
+            if shape is None or not shape or g.static_shape(node.outputs[0]) != shape:
+                continue
+            axis = normalize_axis(concat_node.attr("axis", 0), len(shape))
+            input_shapes = [g.static_shape(v) for v in concat_node.inputs]
+            if any(s is None or len(s) != len(shape) or s[axis] <= 0 for s in input_shapes):
+                continue
+            aligned = _constant_fits(g, constant, shape, g.dtype(joined), axis, shape[axis])  # type: ignore[arg-type]
+            if aligned is None:
+                continue
+            sizes = tuple(s[axis] for s in input_shapes)  # type: ignore[index]
+            yield (node.name, concat_node.name), (aligned, sizes)
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         aligned, sizes = params
