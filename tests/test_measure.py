@@ -19,7 +19,8 @@ from xrlflow.cli import main as cli_main
 from xrlflow.latency import Latency, LatencyService
 from xrlflow.latency_cache import CacheKey, LatencyCache
 from xrlflow.measure import MeasureConfig, MeasuredLatency
-from xrlflow.measure_worker import median_ci
+from xrlflow import measure_worker
+from xrlflow.measure_worker import SessionSettings, TimingPlan, median_ci, time_comparison
 from xrlflow.onnx_io import load_graph, save_model
 
 FAST = dict(warmup_runs=3, min_runs=20, max_runs=400, max_seconds=2.0)
@@ -81,6 +82,45 @@ def test_interleaved_compare_of_a_graph_with_itself_is_near_one_and_finds_a_bigg
     bigger = service.compare(small, big)
     assert bigger.ok and bigger.ratio > 2 and bigger.speedup < 0.5
     assert bigger.a.ms < bigger.b.ms
+
+
+class OrderEffectMachine:
+    """Fake sessions with the two order effects seen on real hardware, deterministic: a run right after the
+    same session is 3% faster (warm caches), and each session created later runs 1% faster."""
+
+    def __init__(self) -> None:
+        self.created = 0
+        self.last: object = None
+
+    def session(self, model: bytes, specs, settings, seed) -> "FakeRunner":
+        self.created += 1
+        return FakeRunner(self, base_ms=float(len(model)) * 0.99 ** self.created)
+
+
+class FakeRunner:
+    def __init__(self, machine: OrderEffectMachine, base_ms: float) -> None:
+        self.machine, self.base_ms = machine, base_ms
+
+    def run(self) -> None:
+        self.timed()
+
+    def timed(self) -> float:
+        ms = self.base_ms * (0.97 if self.machine.last is self else 1.0)
+        self.machine.last = self
+        return ms
+
+
+def test_comparison_design_cancels_warm_repeat_and_creation_order_effects(monkeypatch):
+    # Exact, so it cannot flake: with identical models every systematic order effect shows as ratio != 1.
+    machine = OrderEffectMachine()
+    monkeypatch.setattr(measure_worker, "SessionRunner", machine.session)
+    plan = TimingPlan(warmup_runs=2, min_runs=10, max_runs=100, max_seconds=5.0, check_every=10)
+    sa, sb = time_comparison((b"m" * 10, b"m" * 10), ((), ()), SessionSettings(), plan, seed=0)
+    assert machine.created == 4 and len(sa) == len(sb) >= 10
+    assert np.allclose(np.asarray(sb) / np.asarray(sa), 1.0, rtol=1e-12, atol=0)
+    # a genuinely 2x larger B still reads as 2x
+    sa, sb = time_comparison((b"m" * 10, b"m" * 20), ((), ()), SessionSettings(), plan, seed=0)
+    assert np.allclose(np.asarray(sb) / np.asarray(sa), 2.0, rtol=1e-12, atol=0)
 
 
 def test_unrunnable_model_is_a_failed_measurement_and_the_worker_keeps_serving(service):

@@ -57,7 +57,8 @@ class TimingJob:
 
 @dataclass(frozen=True)
 class TimingResult:
-    samples_ms: tuple[tuple[float, ...], ...]  # per model, in run order (pairs line up for a comparison)
+    # per model, in run order; for a comparison per cycle index (see time_comparison), so B/A lines up
+    samples_ms: tuple[tuple[float, ...], ...]
     seconds: float
 
 
@@ -160,39 +161,75 @@ def time_single(runner: SessionRunner, plan: TimingPlan) -> list[float]:
             return samples
 
 
-def time_interleaved(a: SessionRunner, b: SessionRunner, plan: TimingPlan) -> tuple[list[float], list[float]]:
-    """A B, B A, A B, ... so that drift and order effects hit both equally; stops on the CI of the B/A ratio."""
-    for _ in range(plan.warmup_runs):
-        a.run()
-        b.run()
-    sa: list[float] = []
-    sb: list[float] = []
+def _timed_quads(a: SessionRunner, b: SessionRunner, plan: TimingPlan, quads: int | None) -> np.ndarray:
+    """Time A B B A cycles; returns one row (A first, B second, B first, A second) in ms per cycle.
+
+    Adaptive (`quads` None): until the CI of the per-cycle ratio is within the target, or the run / time
+    caps (half of the plan's: the second phase repeats the count). Fixed: exactly `quads` cycles."""
+    cycle = (a, b, b, a)
+    for _ in range(plan.warmup_runs):  # both sessions exist already and get the same warm-up
+        for runner in cycle:
+            runner.run()
+    rows: list[list[float]] = []
     start = time.perf_counter()
+    max_quads, max_seconds = max(1, plan.max_runs // 2), plan.max_seconds / 2
     while True:
         for _ in range(plan.check_every):
-            if len(sa) % 2 == 0:
-                ta = a.timed()
-                tb = b.timed()
-            else:
-                tb = b.timed()
-                ta = a.timed()
-            sa.append(ta)
-            sb.append(tb)
-        n = len(sa)
-        ratios = np.asarray(sb) / np.asarray(sa)
-        if n >= plan.min_runs and relative_half_width(*median_ci(ratios)) <= plan.target_rel_ci:
-            return sa, sb
-        if n >= plan.max_runs or time.perf_counter() - start >= plan.max_seconds:
-            return sa, sb
+            rows.append([runner.timed() for runner in cycle])
+        n = len(rows)
+        if quads is not None:
+            if n >= quads:
+                return np.asarray(rows[:quads])
+            continue
+        if n >= plan.min_runs and relative_half_width(*median_ci(quad_ratios(np.asarray(rows)))) <= plan.target_rel_ci:
+            return np.asarray(rows)
+        if n >= max_quads or time.perf_counter() - start >= max_seconds:
+            return np.asarray(rows)
+
+
+def quad_ratios(rows: np.ndarray) -> np.ndarray:
+    """B/A per A B B A cycle: the geometric mean of the A-first and the B-first pair ratio."""
+    return np.sqrt(rows[:, 1] / rows[:, 0] * rows[:, 2] / rows[:, 3])
+
+
+def time_comparison(
+    models: Sequence[bytes], inputs: Sequence[Sequence[InputSpec]], settings: SessionSettings, plan: TimingPlan, seed: int,
+) -> tuple[list[float], list[float]]:
+    """Interleaved A/B timing that cancels the two order effects an A/A comparison exposed (bench/results):
+
+    - within a pair: alternating A B, B A, ... makes every other run follow a run of the same session (warm
+      caches), so per-pair ratios are bimodal (about 1.02 and 0.98 on the CPU) and their median lands on
+      one mode. Each A B B A cycle is therefore one sample: the geometric mean of its two pair ratios.
+    - session creation: of two identical sessions the one created later runs 0.5-1% faster (not the
+      inputs, not the memory arena). So there are two phases, A created before B and then B before A, each
+      with both sessions created before either is warmed; cycle i of one phase pairs with cycle i of the
+      other. Phase one stops adaptively on half the run / time caps; phase two times as many cycles.
+
+    Returns per model and per cycle index the geometric mean of its four runs, so that B/A of the returned
+    samples is the phase-balanced cycle ratio."""
+    phases = []
+    count: int | None = None
+    for order in ((0, 1), (1, 0)):
+        runners: dict[int, SessionRunner] = {}
+        for i in order:
+            runners[i] = SessionRunner(models[i], inputs[i], settings, seed)
+        rows = _timed_quads(runners[0], runners[1], plan, count)
+        del runners  # free the phase's sessions before the next phase creates its own
+        count = len(rows)
+        phases.append(rows)
+    first, second = phases
+    a = np.sqrt(np.sqrt(first[:, 0] * first[:, 3]) * np.sqrt(second[:, 0] * second[:, 3]))
+    b = np.sqrt(np.sqrt(first[:, 1] * first[:, 2]) * np.sqrt(second[:, 1] * second[:, 2]))
+    return a.tolist(), b.tolist()
 
 
 def run_job(job: TimingJob) -> TimingResult:
     start = time.perf_counter()
-    runners = [SessionRunner(m, specs, job.session, job.seed) for m, specs in zip(job.models, job.inputs)]
-    if len(runners) == 1:
-        samples: tuple[tuple[float, ...], ...] = (tuple(time_single(runners[0], job.plan)),)
-    elif len(runners) == 2:
-        sa, sb = time_interleaved(runners[0], runners[1], job.plan)
+    if len(job.models) == 1:
+        runner = SessionRunner(job.models[0], job.inputs[0], job.session, job.seed)
+        samples: tuple[tuple[float, ...], ...] = (tuple(time_single(runner, job.plan)),)
+    elif len(job.models) == 2:
+        sa, sb = time_comparison(job.models, job.inputs, job.session, job.plan, job.seed)
         samples = (tuple(sa), tuple(sb))
     else:
         raise ValueError("a timing job holds one or two models")
