@@ -3,6 +3,8 @@
 #
 #   Invocation (from the repository root, onnxruntime-gpu importable, results under $OUT):
 #       PYTHONPATH=/path/to/onnxruntime-gpu/site-packages:$PYTHONPATH OUT=/some/dir bash bench/gpu.sh
+#   Phase 2 (experiments and the policy's model card with a trained policy):
+#       PHASE=evaluate POLICY=checkpoints/xrlflow-h200 OUT=/some/dir bash bench/gpu.sh
 #   CPU dry run of the same steps (quick, small caps; what CI-less checks use):
 #       DEVICE=cpu OUT=/tmp/gpu_dry bash bench/gpu.sh
 #
@@ -47,6 +49,19 @@ if [[ "$DEVICE" == cuda && "$PROVIDERS" != *CUDAExecutionProvider* ]]; then
 fi
 if [[ "$DEVICE" == cuda ]] && command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.csv" || true
+fi
+
+if [[ "${PHASE:-measure}" == evaluate ]]; then
+    # Phase 2, after a policy was trained on the bundled table: the transformer experiments (with the ORT
+    # transformers optimizer as a peer) and the CNN rows of the policy's model card, measured on this GPU.
+    POLICY="${POLICY:?set POLICY to the checkpoint folder}"
+    "$PYTHON" experiments/transformer_speedup.py --device "$DEVICE" --policy "$POLICY" --search-latency cost \
+        --max-seconds "$MAX_SECONDS" --out "$OUT"
+    "$PYTHON" experiments/transformer_speedup.py --device "$DEVICE" --policy "$POLICY" --search-latency cost \
+        --max-seconds "$MAX_SECONDS" --out "$OUT" --no-ort-opt --name policy_card_cnn \
+        --models squeezenet inception-v3 resnext50 resnet50 nasnet-a
+    echo "done: results in $OUT"
+    exit 0
 fi
 
 echo "== 1/3 noise, cost per graph, cache hit rate"
