@@ -238,3 +238,15 @@ def test_bound_dims_are_tracked_through_rewrites():
     assert new.dim_is_bound(merged.outputs[0], 0)  # derived from a bound value: conservative on every axis
     static = load_graph(_qkv_model())
     assert not static.dim_is_bound("x", 0)
+
+
+def test_an_edit_that_leaves_a_dangling_read_fails_at_commit():
+    from xrlflow.errors import GraphError
+    from xrlflow.ir import TensorType
+
+    g = load_graph(_qkv_model())
+    e = g.edit("broken-rule")
+    out = g.by_op("Add")[-1].outputs[0]
+    e.replace_value(out, e.add1("Relu", ["no_such_value"], TensorType(1, (2, 4))))
+    with pytest.raises(GraphError, match="nothing produces"):
+        e.commit()

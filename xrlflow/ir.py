@@ -513,7 +513,8 @@ class GraphEdit:
                 rename[new] = old
             else:
                 added.append(Node(self._fresh("Identity"), "Identity", (new,), (old,), origin=self.origin))
-                self.new_types.setdefault(old, g.types[old]) if old in g.types else None
+                if old in g.types:
+                    self.new_types.setdefault(old, g.types[old])
 
         def name_of(v: str) -> str:
             if v in final and v not in pinned:
@@ -521,6 +522,7 @@ class GraphEdit:
             return rename.get(v, v)
 
         touched: set[str] = set()
+        rewired: list[str] = []
 
         def drop_node(name: str) -> None:
             node = nodes.pop(name)
@@ -561,6 +563,7 @@ class GraphEdit:
                     consumers[new] = consumers.get(new, ()) + (reader,)
             for reader in dict.fromkeys(readers):
                 if reader in nodes:
+                    rewired.append(reader)
                     node = nodes[reader]
                     nodes[reader] = node.with_inputs(tuple(name_of(v) if v else v for v in node.inputs))
 
@@ -594,6 +597,16 @@ class GraphEdit:
             stack.extend(producer[v] for v in node.all_inputs if v in producer)
         for v in [v for v, readers in consumers.items() if not readers]:
             del consumers[v]
+
+        # A rewrite must never leave a node reading a value nothing produces (a rule bug: fail here, not at export).
+        graph_inputs = set(g.inputs)
+        for name in rewired + [n.name for n in added]:
+            node = nodes.get(name)
+            if node is None:
+                continue
+            for v in node.inputs:
+                if v and v not in producer and v not in g.initializers and v not in graph_inputs:
+                    raise GraphError(f"{self.origin}: node {name!r} would read {v!r}, which nothing produces")
 
         for node in _in_order(added, nodes):
             if node.op_type in PURE_OPS and all((not v) or v in constants for v in node.inputs):
