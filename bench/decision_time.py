@@ -16,21 +16,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
+from xrlflow.measure import device_name
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 5.0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/decision_time.py", *sys.argv[1:]]),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{device_name('cpu')}, {os.cpu_count()} cores",
         "versions": f"xrlflow {xrlflow.__version__}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
         f"python {platform.python_version()}",
         "model": f"{args.model}{' (small)' if args.small else ''}: {len(graph)} nodes, {len(engine.matches(graph))} matches at the start",

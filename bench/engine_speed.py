@@ -22,16 +22,9 @@ import onnx
 from xrlflow.onnx_io import load_graph
 from xrlflow.rules import RULES, default_engine
 from xrlflow.zoo import export_model
+from xrlflow.measure import device_name
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def bench_model(name: str, repeat: int) -> dict:
@@ -85,7 +78,7 @@ def main() -> None:
         "# Engine speed",
         "",
         f"- date: {datetime.date.today()}; commit {commit}",
-        f"- machine: {_cpu_name()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, Python {platform.python_version()}, onnx {onnx.__version__}",
+        f"- machine: {device_name('cpu')}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, Python {platform.python_version()}, onnx {onnx.__version__}",
         f"- command: `python bench/engine_speed.py --models {args.models} --repeat {args.repeat}`",
         f"- rules: {len(RULES)} registered",
         "- enumerate = all matches of all rules from scratch (memo cleared); apply + hash = one rewrite and the",

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.graphgen import check_sequence, minimal_failing_prefix, random_model  # noqa: E402
 from xrlflow.rules import RULE_FINGERPRINT, default_engine, rule_names  # noqa: E402
+from xrlflow.measure import device_name
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,6 @@ class Failure:
     message: str
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def picks_for(seed: int, max_length: int) -> list[int]:
@@ -90,7 +83,7 @@ def write_report(config: LongRunConfig, command: str, result) -> str:
     lines = [
         "# Long property run: random rewrite sequences on random graphs",
         "",
-        f"- machine: {_cpu_name()}, {os.cpu_count()} logical CPUs (shared), {platform.system()} {platform.release()}, "
+        f"- machine: {device_name('cpu')}, {os.cpu_count()} logical CPUs (shared), {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- command: `{command}`",

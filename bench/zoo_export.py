@@ -21,16 +21,9 @@ import onnxruntime
 import torch
 
 from xrlflow import zoo
+from xrlflow.measure import device_name
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def check_and_run(path: Path, config: zoo.ModelConfig) -> float:
@@ -89,7 +82,7 @@ def main() -> int:
         "# Model zoo export benchmark",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}",
+        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {device_name('cpu')}",
         f"- load average (1 min) before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
         "(other jobs shared the machine when above the CPU count: treat times as rough)",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, onnx {onnx.__version__}",
