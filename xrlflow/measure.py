@@ -5,10 +5,10 @@ rewrites add at session creation, so the timed model is what a folded export wou
 worker process until the 95% confidence interval of the median is within `target_rel_ci` of the median (or
 a cap on runs / seconds is hit), and caches the result by structural hash and setting.
 
-`compare(a, b)` times both graphs interleaved (A B B A cycles) in one worker with both sessions alive, in
-two phases with the sessions created in opposite orders, and returns the median of the per-cycle time
+`compare(a, b)` times both graphs interleaved in one worker, as two sessions each created in the order
+A1 B1 B2 A2 and all alive, in cycles A1 B1 B1 A1 B2 A2 A2 B2, and returns the median of the per-cycle time
 ratios B/A with its CI: on a noisy machine that cancels drift which separate measurements do not, and the
-order effects that biased an A/A comparison by 1-2% (`measure_worker.time_comparison` says which).
+order effects that biased an A/A comparison by 1-3% (`measure_worker.time_comparison` says which).
 
 Isolation: a segfault, a hang past `timeout_s` or an out-of-memory kill of the worker becomes a failed
 `Latency` (ok=False, with the reason) and a fresh worker serves the next request.
@@ -90,11 +90,11 @@ class MeasureConfig:
 @dataclass(frozen=True)
 class Comparison:
     """Interleaved A/B timing: `ratio` is the median of per-cycle time ratios B/A (< 1: B is faster);
-    `runs` counts cycle samples (each from 4 runs of each graph, two per session-creation order).
+    `runs` counts cycle samples (each from 4 runs of each graph, two in each of its two sessions).
 
     The CI covers run-to-run noise only: where each session's weights land in memory leaves a fixed effect
     per session (about +-0.3% on the CPU A/A runs in bench/results/measure_cpu.md) that no interval from
-    one pair of sessions can see."""
+    these four sessions can see: over repeated A/A compares the CI held 1.0 in only 55-75% of them."""
 
     ratio: float
     low: float

@@ -161,65 +161,56 @@ def time_single(runner: SessionRunner, plan: TimingPlan) -> list[float]:
             return samples
 
 
-def _timed_quads(a: SessionRunner, b: SessionRunner, plan: TimingPlan, quads: int | None) -> np.ndarray:
-    """Time A B B A cycles; returns one row (A first, B second, B first, A second) in ms per cycle.
-
-    Adaptive (`quads` None): until the CI of the per-cycle ratio is within the target, or the run / time
-    caps (half of the plan's: the second phase repeats the count). Fixed: exactly `quads` cycles."""
-    cycle = (a, b, b, a)
-    for _ in range(plan.warmup_runs):  # both sessions exist already and get the same warm-up
-        for runner in cycle:
-            runner.run()
-    rows: list[list[float]] = []
-    start = time.perf_counter()
-    max_quads, max_seconds = max(1, plan.max_runs // 2), plan.max_seconds / 2
-    while True:
-        for _ in range(plan.check_every):
-            rows.append([runner.timed() for runner in cycle])
-        n = len(rows)
-        if quads is not None:
-            if n >= quads:
-                return np.asarray(rows[:quads])
-            continue
-        if n >= plan.min_runs and relative_half_width(*median_ci(quad_ratios(np.asarray(rows)))) <= plan.target_rel_ci:
-            return np.asarray(rows)
-        if n >= max_quads or time.perf_counter() - start >= max_seconds:
-            return np.asarray(rows)
+# One sample of a comparison: the runs of four sessions created in the order A1 B1 B2 A2, timed in this order.
+_CYCLE = ("a1", "b1", "b1", "a1", "b2", "a2", "a2", "b2")
+_A_RUNS, _B_RUNS = [0, 3, 5, 6], [1, 2, 4, 7]
 
 
-def quad_ratios(rows: np.ndarray) -> np.ndarray:
-    """B/A per A B B A cycle: the geometric mean of the A-first and the B-first pair ratio."""
-    return np.sqrt(rows[:, 1] / rows[:, 0] * rows[:, 2] / rows[:, 3])
+def cycle_ratios(rows: np.ndarray) -> np.ndarray:
+    """B/A per cycle (one row of `_CYCLE` run times): the geometric mean of its four B/A pair ratios."""
+    return np.exp(np.log(rows[:, _B_RUNS]).mean(axis=1) - np.log(rows[:, _A_RUNS]).mean(axis=1))
 
 
 def time_comparison(
     models: Sequence[bytes], inputs: Sequence[Sequence[InputSpec]], settings: SessionSettings, plan: TimingPlan, seed: int,
 ) -> tuple[list[float], list[float]]:
-    """Interleaved A/B timing that cancels the two order effects an A/A comparison exposed (bench/results):
+    """Interleaved A/B timing that cancels the order effects A/A comparisons exposed (bench/results):
 
-    - within a pair: alternating A B, B A, ... makes every other run follow a run of the same session (warm
-      caches), so per-pair ratios are bimodal (about 1.02 and 0.98 on the CPU) and their median lands on
-      one mode. Each A B B A cycle is therefore one sample: the geometric mean of its two pair ratios.
-    - session creation: of two identical sessions the one created later runs 0.5-1% faster (not the
-      inputs, not the memory arena). So there are two phases, A created before B and then B before A, each
-      with both sessions created before either is warmed; cycle i of one phase pairs with cycle i of the
-      other. Phase one stops adaptively on half the run / time caps; phase two times as many cycles.
+    - within a pair: a run right after a run of the same session is faster (warm caches), so alternating
+      A B, B A, ... gives bimodal per-pair ratios. In a cycle A1 B1 B1 A1 B2 A2 A2 B2 each graph gets exactly
+      one such warm repeat, and the cycle's B/A (geometric mean of its four pair ratios) is one sample.
+    - session creation: of identical sessions, where each lands in memory shifts its speed (the one created
+      later ran 0.5-1% faster in a fresh worker). The previous design timed the two creation orders in two
+      phases one after the other, freeing phase one's sessions before phase two created its own; in a
+      worker that had run other jobs an A/A comparison then read 0.973 and 0.987 in some test-suite runs.
+      Now all four sessions are created up front, A1 B1 B2 A2 (creation ranks 1+4 for A, 2+3 for B), stay
+      alive together, and both orders are timed inside every cycle, so phase-to-phase drift cannot enter.
+      Costs twice the session memory of one A/B pair.
 
-    Returns per model and per cycle index the geometric mean of its four runs, so that B/A of the returned
-    samples is the phase-balanced cycle ratio."""
-    phases = []
-    count: int | None = None
-    for order in ((0, 1), (1, 0)):
-        runners: dict[int, SessionRunner] = {}
-        for i in order:
-            runners[i] = SessionRunner(models[i], inputs[i], settings, seed)
-        rows = _timed_quads(runners[0], runners[1], plan, count)
-        del runners  # free the phase's sessions before the next phase creates its own
-        count = len(rows)
-        phases.append(rows)
-    first, second = phases
-    a = np.sqrt(np.sqrt(first[:, 0] * first[:, 3]) * np.sqrt(second[:, 0] * second[:, 3]))
-    b = np.sqrt(np.sqrt(first[:, 1] * first[:, 2]) * np.sqrt(second[:, 1] * second[:, 2]))
+    Stops when the CI of the median cycle ratio is within the plan's target, or at max_runs / 2 cycles (each
+    graph then ran 2 * max_runs times, as two sessions) or max_seconds. Returns per model and per cycle the
+    geometric mean of its four runs, so that B/A of the returned samples is the cycle ratio."""
+    runners: dict[str, SessionRunner] = {}
+    for key in ("a1", "b1", "b2", "a2"):
+        runners[key] = SessionRunner(models[0 if key[0] == "a" else 1], inputs[0 if key[0] == "a" else 1], settings, seed)
+    cycle = [runners[key] for key in _CYCLE]
+    for _ in range(plan.warmup_runs):  # the same warm-up for all four, after all four exist
+        for runner in cycle:
+            runner.run()
+    rows: list[list[float]] = []
+    start = time.perf_counter()
+    max_cycles = max(1, plan.max_runs // 2)
+    while True:
+        for _ in range(plan.check_every):
+            rows.append([runner.timed() for runner in cycle])
+        n = len(rows)
+        table = np.asarray(rows)
+        if n >= plan.min_runs and relative_half_width(*median_ci(cycle_ratios(table))) <= plan.target_rel_ci:
+            break
+        if n >= max_cycles or time.perf_counter() - start >= plan.max_seconds:
+            break
+    a = np.exp(np.log(table[:, _A_RUNS]).mean(axis=1))
+    b = np.exp(np.log(table[:, _B_RUNS]).mean(axis=1))
     return a.tolist(), b.tolist()
 
 
