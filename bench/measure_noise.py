@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| CV of {args.repeats} repeated measurements (fresh session each) | {cv * 100:.2f}% "
         f"(medians {medians_arr.min():.4f}-{medians_arr.max():.4f} ms, {int(np.median(runs))} runs each, "
         f"{np.median(walls):.2f} s each) | <= 3% |",
-        f"| interleaved A/A ratio | {aa.ratio:.4f} (95% CI {aa.low:.4f}-{aa.high:.4f}, {aa.runs} pairs) | 1.00 |",
+        f"| interleaved A/A ratio | {aa.ratio:.4f} (95% CI {aa.low:.4f}-{aa.high:.4f}, {aa.runs} cycles of 4 runs per graph) | 1.00 |",
         f"| cost per unique graph (export + session + timing) | {per_graph * 1e3:.0f} ms "
         f"(median {int(np.median(unique_runs))} timed runs, {len(variants)} graphs) | |",
         f"| cache hits per second, in-process (same graph value) | {memory_rate:,.0f} | >= 10,000 |",
