@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(args.models)}; wall time {time.time() - started:.0f} s",
         f"- measurement: median of adaptive runs, CI target 1%, cap {args.max_seconds} s per graph; achieved median "
         f"relative CI half-width {np.median(ci) * 100:.2f}% (90th percentile {np.quantile(ci, 0.9) * 100:.2f}%)",
-        f"- measured spread within each model (slowest/fastest variant): "
+        "- measured spread within each model (slowest/fastest variant): "
         + ", ".join(f"{k} {v:.3f}x" for k, v in spreads.items()),
         f"- cost-model time: {estimate_ms:.3f} ms per graph (plain analytic, first estimate of each graph)",
         "",

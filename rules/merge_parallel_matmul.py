@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from xrlflow.rules.common import concat, merge_order, plain, sole_reader, split, split_sizes, type_of
+from xrlflow.rules.common import concat, merge_order, plain, sole_reader, split, split_sizes
 from xrlflow.engine import Rule
-from xrlflow.ir import Graph, Node, TensorType
+from xrlflow.ir import Graph, Node
 
 
 def _projection(g: Graph, node: Node, x: str) -> tuple[int, str | None] | None:

@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import os
 import socket
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence

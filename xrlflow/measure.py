@@ -33,7 +33,7 @@ from xrlflow.ir import Graph
 from xrlflow.latency import Latency
 from xrlflow.latency_cache import CacheKey, LatencyCache, format_shapes
 from xrlflow.measure_worker import (
-    OPT_LEVELS, InputSpec, SessionSettings, TimingJob, TimingPlan, TimingResult, median_ci, worker_main,
+    OPT_LEVELS, InputSpec, SessionSettings, TimingJob, TimingPlan, TimingResult, median_ci,
 )
 
 NO_CUDA_MESSAGE = (

@@ -16,7 +16,7 @@ import heapq
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from xrlflow.engine import Match, RewriteEngine
