@@ -11,6 +11,7 @@ a connection kept open for the life of the cache object.
 from __future__ import annotations
 
 import os
+import random
 import re
 import sqlite3
 import threading
@@ -66,6 +67,17 @@ CREATE TABLE IF NOT EXISTS latency (
 """
 
 
+def _retry_while_locked(action, timeout_s: float = BUSY_TIMEOUT_S):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.05))
+
+
 class LatencyCache:
     """One open connection per process (reopened after a fork); safe to share the file between processes."""
 
@@ -84,9 +96,11 @@ class LatencyCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching a new file to WAL takes an exclusive lock and can answer "database is locked" at once,
+            # without waiting on busy_timeout, when another process opens the same new file at that moment.
+            _retry_while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(_SCHEMA)
+            _retry_while_locked(lambda: conn.execute(_SCHEMA))
             self._conn, self._pid, self._tables = conn, os.getpid(), set()
         return self._conn
 
