@@ -18,7 +18,11 @@
 #   Zoo exports go to the usual user cache (XRLFLOW_CACHE_DIR), not to $OUT.
 #   Environment: DEVICE (cuda|cpu, default cuda), PYTHON (default .venv/bin/python if present, else python3),
 #   PER_MODEL (graphs per model, default 70), MODELS (zoo specs, default "bert-base:small inception-v3:small
-#   squeezenet:small bert-base"), MAX_SECONDS (timing cap per graph, default 2).
+#   squeezenet:small bert-base"), MAX_SECONDS (timing cap per graph, default 2), NOISE_VARIANTS (measurement
+#   designs compared in the noise step, see bench/measure_noise.py --variant; the first is used everywhere
+#   else), NOISE_MODELS (more models for the noise table), CAL_SESSIONS (sessions per calibration graph; 2 or more
+#   adds the session-vs-session ceiling), PIN_CPU (pin the calibration's worker: a CPU number or auto),
+#   LOAD_TABLE (calibrate against this per-kernel table instead of measuring one).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -34,6 +38,10 @@ MODELS="${MODELS:-bert-base inception-v3 squeezenet}"
 COVERAGE_MODELS="${COVERAGE_MODELS-bert-xrl vit-xrl mini-dalle transformer-transducer gpt2 vit-base resnet50 resnext50 nasnet-a}"
 COVERAGE_PER_MODEL="${COVERAGE_PER_MODEL:-6}"
 NOISE_MODEL="${NOISE_MODEL:-bert-base}"
+NOISE_MODELS="${NOISE_MODELS-inception-v3}"
+NOISE_VARIANTS="${NOISE_VARIANTS-pinned-3sessions:pin_cpu=auto,sessions=3 default pinned:pin_cpu=auto pinned-cudagraph:pin_cpu=auto,cuda_graph=1 pinned-heuristic:pin_cpu=auto,cudnn_conv_algo_search=HEURISTIC}"
+CAL_SESSIONS="${CAL_SESSIONS:-2}"
+PIN_CPU="${PIN_CPU:-auto}"
 MAX_SECONDS="${MAX_SECONDS:-2}"
 PROFILE=h200
 if [[ "$DEVICE" == cpu ]]; then PROFILE=cpu; fi
@@ -65,13 +73,20 @@ if [[ "${PHASE:-measure}" == evaluate ]]; then
 fi
 
 echo "== 1/3 noise, cost per graph, cache hit rate"
-[[ -n "${SKIP_NOISE:-}" ]] || "$PYTHON" bench/measure_noise.py --device "$DEVICE" --model "$NOISE_MODEL" --max-seconds "$MAX_SECONDS" --out "$OUT/measure_$DEVICE.md"
+VARIANT_ARGS=()
+for v in $NOISE_VARIANTS; do VARIANT_ARGS+=(--variant "$v"); done
+# shellcheck disable=SC2086
+[[ -n "${SKIP_NOISE:-}" ]] || "$PYTHON" bench/measure_noise.py --device "$DEVICE" --model "$NOISE_MODEL" --max-seconds "$MAX_SECONDS" \
+    "${VARIANT_ARGS[@]}" --noise-models $NOISE_MODELS --aa-repeats "${AA_REPEATS:-3}" --unique "${UNIQUE:-10}" \
+    --out "$OUT/measure_$DEVICE.md"
 
 echo "== 2/3 + 3/3 per-kernel table of the models' kernels and the calibration against end-to-end latency"
+TABLE_ARGS=(--export-table "$OUT/${PROFILE}_${DEVICE}_ort${ORT_VERSION}.json")
+if [[ -n "${LOAD_TABLE:-}" ]]; then TABLE_ARGS=(--load-table "$LOAD_TABLE"); fi
 # shellcheck disable=SC2086
 "$PYTHON" bench/calibrate_costmodel.py --device "$DEVICE" --profile "$PROFILE" --models $MODELS \
     --per-model "$PER_MODEL" --max-seconds "$MAX_SECONDS" --cache-path "$OUT/latency.sqlite" \
-    --export-table "$OUT/${PROFILE}_${DEVICE}_ort${ORT_VERSION}.json" \
+    --sessions "$CAL_SESSIONS" --pin-cpu "$PIN_CPU" --cuda-graph "${CUDA_GRAPH:-on}" "${TABLE_ARGS[@]}" \
     --out "$OUT/costmodel_calibration_$DEVICE.md" --json "$OUT/calibration_$DEVICE.json"
 
 if [[ -n "$COVERAGE_MODELS" ]]; then

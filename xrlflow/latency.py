@@ -23,6 +23,7 @@ class Latency:
     source: str  # "measured", "cache" or "cost-model"
     ok: bool = True
     reason: str = ""  # why a measurement failed (ok=False)
+    session_ms: tuple[float, ...] = ()  # measured with several sessions: each one's median (not cached)
 
     @staticmethod
     def failed(reason: str, source: str = "measured") -> "Latency":

@@ -36,6 +36,7 @@ from xrlflow.measure_worker import (
     OPT_LEVELS, InputSpec, SessionSettings, TimingJob, TimingPlan, TimingResult, median_ci,
 )
 
+CUDNN_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 NO_CUDA_MESSAGE = (
     "onnxruntime has no CUDA execution provider: install the gpu extra "
     "(pip install 'xrlflow[gpu]' after uninstalling onnxruntime)"
@@ -58,6 +59,16 @@ class MeasureConfig:
     target_rel_ci: float = 0.01
     timeout_s: float = 120.0  # per request, session creation included; past it the worker is killed
     memory_limit_mb: int | None = None  # address-space cap for the worker on the CPU (never on CUDA)
+    # Sessions per measurement, timed round-robin; the latency is the median of their medians
+    # (TimingPlan.sessions says why more than one on a GPU).
+    sessions: int = 1
+    pin_cpu: int | None = None  # run the worker on this one CPU core (launch-bound GPU timing is CPU timing)
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # CUDA EP option: EXHAUSTIVE (its default), HEURISTIC, DEFAULT
+    # CUDA EP option enable_cuda_graph: time the run replayed as one captured CUDA graph. None: on for CUDA.
+    # A plain CUDA run of a batch-1 model is bound by the host launching each kernel, and on the H200 machine
+    # that host time varied by 11-18% (CV) between sessions; replayed graphs measure the GPU work at a CV
+    # under 1% (bench/results/measure_cuda.md). Needs every node on the CUDA EP and static shapes.
+    cuda_graph: bool | None = None
     cache_path: str | None = None  # None: default_cache_path(); "" turns the cache off
     seed: int = 0
 
@@ -68,22 +79,42 @@ class MeasureConfig:
             raise BadInputError(f"unknown optimisation level {self.opt_level!r}: use one of {', '.join(OPT_LEVELS)}")
         if self.intra_op_threads < 1 or self.min_runs < 1 or self.max_runs < self.min_runs or self.timeout_s <= 0:
             raise BadInputError("bad measurement settings: need threads >= 1, 1 <= min_runs <= max_runs, timeout > 0")
+        if self.sessions < 1:
+            raise BadInputError(f"bad measurement settings: sessions must be >= 1, not {self.sessions}")
+        if self.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCHES:
+            raise BadInputError(f"unknown cuDNN algorithm search {self.cudnn_conv_algo_search!r}: use one of {', '.join(CUDNN_ALGO_SEARCHES)}")
+        if self.pin_cpu is not None:
+            import os
+
+            if self.pin_cpu not in os.sched_getaffinity(0):
+                raise BadInputError(f"cannot pin the measurement worker to CPU {self.pin_cpu}: this process may use {sorted(os.sched_getaffinity(0))}")
 
     @property
     def session(self) -> SessionSettings:
-        return SessionSettings(self.device, self.device_id, self.opt_level, self.intra_op_threads)
+        return SessionSettings(
+            self.device, self.device_id, self.opt_level, self.intra_op_threads, self.cudnn_conv_algo_search,
+            self.uses_cuda_graph,
+        )
+
+    @property
+    def uses_cuda_graph(self) -> bool:
+        return self.device == "cuda" and self.cuda_graph is not False
 
     @property
     def plan(self) -> TimingPlan:
         return TimingPlan(
             self.warmup_runs, self.min_runs, self.max_runs, self.max_seconds, self.target_rel_ci,
-            check_every=min(10, self.min_runs),
+            check_every=min(10, self.min_runs), sessions=self.sessions,
         )
 
     @property
     def provider(self) -> str:
+        """The execution provider and the options that change what is timed (part of the cache key)."""
         if self.device == "cuda":
-            return "CUDAExecutionProvider/iobinding"
+            name = "CUDAExecutionProvider/iobinding"
+            if self.cudnn_conv_algo_search != "EXHAUSTIVE":
+                name += f"/cudnn-{self.cudnn_conv_algo_search.lower()}"
+            return name + ("/cudagraph" if self.uses_cuda_graph else "")
         return f"CPUExecutionProvider/t{self.intra_op_threads}"
 
 
@@ -120,8 +151,9 @@ class MeasureWorker:
     dies or hangs. A fresh interpreter rather than multiprocessing's spawn: spawn re-imports the caller's
     __main__, which breaks every script without a main guard."""
 
-    def __init__(self, memory_limit_mb: int | None = None) -> None:
+    def __init__(self, memory_limit_mb: int | None = None, pin_cpu: int | None = None) -> None:
         self.memory_limit_mb = memory_limit_mb
+        self.pin_cpu = pin_cpu
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
 
@@ -131,7 +163,8 @@ class MeasureWorker:
 
     def _start(self) -> None:
         parent, child = socket.socketpair()
-        args = [sys.executable, "-m", "xrlflow.measure_worker", str(child.fileno()), str(self.memory_limit_mb or 0)]
+        args = [sys.executable, "-m", "xrlflow.measure_worker", str(child.fileno()), str(self.memory_limit_mb or 0),
+                str(-1 if self.pin_cpu is None else self.pin_cpu)]
         try:
             self._process = subprocess.Popen(args, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         finally:
@@ -247,7 +280,7 @@ class MeasuredLatency:
         if cache is None and config.cache_path != "":
             cache = LatencyCache(config.cache_path)
         self.cache = cache
-        self.worker = MeasureWorker(config.memory_limit_mb if config.device == "cpu" else None)
+        self.worker = MeasureWorker(config.memory_limit_mb if config.device == "cpu" else None, config.pin_cpu)
 
     def close(self) -> None:
         self.worker.stop()
@@ -288,7 +321,14 @@ class MeasuredLatency:
         status, payload = self._request(job)
         if status != "ok":
             return Latency.failed(payload)
-        return _latency_from_samples(np.asarray(payload.samples_ms[0]))
+        result = _latency_from_samples(np.asarray(payload.samples_ms[0]))
+        medians = payload.session_medians_ms
+        if len(medians) < 2:
+            return result
+        # Several sessions: the median of their medians, so one session's unlucky draw cannot move it; the
+        # interval (order statistics of the pooled runs) is widened to contain it.
+        ms = float(np.median(medians))
+        return Latency(ms, min(result.low_ms, ms), max(result.high_ms, ms), result.runs, "measured", session_ms=tuple(medians))
 
     def compare(self, graph_a: Graph, graph_b: Graph) -> Comparison:
         """Interleaved, order-balanced A/B timing in one worker; the ratio is B/A with the 95% CI of its median."""

@@ -14,6 +14,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opt-level", default="ORT_ENABLE_ALL", help="onnxruntime graph optimisation level")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads on the CPU (default 1)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="cap on timing time")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, time plain runs instead of a replayed CUDA graph (host launch time included; noisy)")
     p.add_argument("--timeout", type=float, default=120.0, help="kill the measurement after this many seconds")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the latency cache")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -43,6 +45,7 @@ def run_measure(args: argparse.Namespace) -> int:
     config = MeasureConfig(
         device=args.device, opt_level=args.opt_level, intra_op_threads=args.threads,
         max_seconds=args.max_seconds, timeout_s=args.timeout, cache_path="" if args.no_cache else None,
+        cuda_graph=False if args.no_cuda_graph else None,
     )
     shapes = parse_input_shapes(args.input_shape)
     graphs = [load_graph(path, shapes) for path in args.model]

@@ -25,6 +25,8 @@ class SessionSettings:
     device_id: int = 0
     opt_level: str = "ORT_ENABLE_ALL"
     intra_op_threads: int = 1
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # the CUDA EP's default; HEURISTIC / DEFAULT skip the timing
+    cuda_graph: bool = False  # capture the run as one CUDA graph (all nodes on the GPU, static shapes)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class TimingPlan:
     max_seconds: float = 10.0
     target_rel_ci: float = 0.01  # stop when the 95% CI half-width of the median is within 1% of the median
     check_every: int = 10
+    # Sessions of the same model timed round-robin; the result is the median of their medians. On the H200
+    # one session's speed is a draw (where its buffers and kernel objects land), so a single session's
+    # median varies by more than its own CI (bench/results/measure_cuda.md).
+    sessions: int = 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class TimingResult:
     # per model, in run order; for a comparison per cycle index (see time_comparison), so B/A lines up
     samples_ms: tuple[tuple[float, ...], ...]
     seconds: float
+    # single-model jobs: the median of each session's runs (TimingPlan.sessions of them)
+    session_medians_ms: tuple[float, ...] = ()
 
 
 # ---- statistics (pure numpy; also used by the parent) ----------------------------------------------------------
@@ -114,10 +122,19 @@ class SessionRunner:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         if settings.device == "cuda":
-            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": settings.device_id}), "CPUExecutionProvider"]
+            cuda_options = {"device_id": settings.device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
+            if settings.cuda_graph:
+                cuda_options["enable_cuda_graph"] = "1"
+            providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(model, options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:
+            if settings.cuda_graph and "graph" in str(exc).lower():
+                raise RuntimeError(f"CUDA graph capture is not possible for this model ({str(exc).strip().splitlines()[0]}): "
+                                   "measure it with cuda_graph=False (--no-cuda-graph)") from None
+            raise
         feeds = random_feeds(specs, seed)
         self.cuda = settings.device == "cuda"
         if self.cuda:
@@ -128,7 +145,14 @@ class SessionRunner:
                 self._device_inputs.append(value)
                 self.binding.bind_ortvalue_input(name, value)
             for out in self.session.get_outputs():
-                self.binding.bind_output(out.name, "cuda", settings.device_id)
+                if settings.cuda_graph:  # a replayed graph writes to fixed addresses: allocate them once
+                    if not all(isinstance(d, int) for d in out.shape):
+                        raise RuntimeError(f"CUDA graph capture needs static output shapes ({out.name}: {out.shape})")
+                    value = ort.OrtValue.ortvalue_from_shape_and_type(out.shape, _numpy_type(out.type), "cuda", settings.device_id)
+                    self._device_inputs.append(value)
+                    self.binding.bind_ortvalue_output(out.name, value)
+                else:
+                    self.binding.bind_output(out.name, "cuda", settings.device_id)
             self.binding.synchronize_inputs()
         else:
             self.feeds = feeds
@@ -146,19 +170,39 @@ class SessionRunner:
         return (time.perf_counter_ns() - start) / 1e6
 
 
-def time_single(runner: SessionRunner, plan: TimingPlan) -> list[float]:
-    for _ in range(plan.warmup_runs):
-        runner.run()
-    samples: list[float] = []
+def _numpy_type(ort_type: str) -> Any:
+    """numpy dtype of an onnxruntime type string such as 'tensor(float)'."""
+    names = {"float": np.float32, "float16": np.float16, "double": np.float64, "int64": np.int64, "int32": np.int32,
+             "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+    inner = ort_type[len("tensor("):-1] if ort_type.startswith("tensor(") else ort_type
+    if inner not in names:
+        raise RuntimeError(f"CUDA graph capture: unsupported output type {ort_type}")
+    return names[inner]
+
+
+def time_sessions(runners: Sequence[SessionRunner], plan: TimingPlan) -> list[list[float]]:
+    """Adaptive timing of one model held by one or more sessions, timed round-robin (one run of each per
+    cycle); stops once the pooled median's CI is within the target after min_runs cycles, or at a cap.
+    Returns each session's samples."""
+    for runner in runners:  # warm up every session before any is timed
+        for _ in range(plan.warmup_runs):
+            runner.run()
+    per_session: list[list[float]] = [[] for _ in runners]
     start = time.perf_counter()
     while True:
         for _ in range(plan.check_every):
-            samples.append(runner.timed())
-        n = len(samples)
-        if n >= plan.min_runs and relative_half_width(*median_ci(samples)) <= plan.target_rel_ci:
-            return samples
-        if n >= plan.max_runs or time.perf_counter() - start >= plan.max_seconds:
-            return samples
+            for samples, runner in zip(per_session, runners):
+                samples.append(runner.timed())
+        cycles = len(per_session[0])
+        pooled = [x for samples in per_session for x in samples]
+        if cycles >= plan.min_runs and relative_half_width(*median_ci(pooled)) <= plan.target_rel_ci:
+            return per_session
+        if len(pooled) >= plan.max_runs or time.perf_counter() - start >= plan.max_seconds:
+            return per_session
+
+
+def time_single(runner: SessionRunner, plan: TimingPlan) -> list[float]:
+    return time_sessions([runner], plan)[0]
 
 
 # One sample of a comparison: the runs of four sessions created in the order A1 B1 B2 A2, timed in this order.
@@ -217,14 +261,15 @@ def time_comparison(
 def run_job(job: TimingJob) -> TimingResult:
     start = time.perf_counter()
     if len(job.models) == 1:
-        runner = SessionRunner(job.models[0], job.inputs[0], job.session, job.seed)
-        samples: tuple[tuple[float, ...], ...] = (tuple(time_single(runner, job.plan)),)
-    elif len(job.models) == 2:
+        runners = [SessionRunner(job.models[0], job.inputs[0], job.session, job.seed) for _ in range(max(1, job.plan.sessions))]
+        per_session = time_sessions(runners, job.plan)
+        pooled = tuple(x for cycle in zip(*per_session) for x in cycle)  # in run order
+        medians = tuple(float(np.median(s)) for s in per_session)
+        return TimingResult((pooled,), time.perf_counter() - start, medians)
+    if len(job.models) == 2:
         sa, sb = time_comparison(job.models, job.inputs, job.session, job.plan, job.seed)
-        samples = (tuple(sa), tuple(sb))
-    else:
-        raise ValueError("a timing job holds one or two models")
-    return TimingResult(samples, time.perf_counter() - start)
+        return TimingResult((tuple(sa), tuple(sb)), time.perf_counter() - start)
+    raise ValueError("a timing job holds one or two models")
 
 
 def _limit_memory(megabytes: int | None) -> None:
@@ -236,9 +281,13 @@ def _limit_memory(megabytes: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def worker_main(conn: Any, memory_limit_mb: int | None) -> None:
+def worker_main(conn: Any, memory_limit_mb: int | None, pin_cpu: int | None = None) -> None:
     """The worker loop: receive a job, answer ("ok", TimingResult) or ("error", one line); None ends it."""
     _limit_memory(memory_limit_mb)
+    if pin_cpu is not None:
+        import os
+
+        os.sched_setaffinity(0, {pin_cpu})  # before onnxruntime starts any thread: they inherit it
     import onnxruntime  # noqa: F401  (load it once, before the first job's clock starts)
 
     while True:
@@ -267,4 +316,5 @@ if __name__ == "__main__":
     # Run the imported module's loop, so results pickle as xrlflow.measure_worker.*, not __main__.*
     from xrlflow.measure_worker import worker_main as module_worker_main
 
-    module_worker_main(Connection(int(sys.argv[1])), int(sys.argv[2]) or None)
+    pin = int(sys.argv[3]) if len(sys.argv) > 3 else -1
+    module_worker_main(Connection(int(sys.argv[1])), int(sys.argv[2]) or None, pin if pin >= 0 else None)
