@@ -14,6 +14,7 @@ linear correction (fitted on even-indexed graphs, evaluated on odd-indexed ones,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xrlflow.costmodel import FEATURE_NAMES, CostModel, LinearCorrection, OpTable, build_op_table, spearman
+from xrlflow.costmodel import (
+    FEATURE_NAMES, CostModel, InGraphMapping, LinearCorrection, OpTable, build_op_table, fit_fallback_scale, fit_in_graph, spearman,
+)
 from xrlflow.ir import Graph
 from xrlflow.measure import MeasureConfig, MeasuredLatency
 from xrlflow.onnx_io import load_graph
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuda-graph", choices=("on", "off"), default="on",
                    help="on CUDA, time the graph replayed as a CUDA graph (MeasureConfig.cuda_graph; default on)")
     p.add_argument("--pin-cpu", default=None, help="pin the measurement worker to this CPU (auto: the last one allowed)")
+    p.add_argument("--measured-json", default=None,
+                   help="reuse the measurements of an earlier run's --json (same models, --per-model and --seed) instead of measuring")
+    p.add_argument("--fit-in-graph", action="store_true",
+                   help="fit the table's in-graph mapping (OpTable.in_graph) on the measured graphs; report it held out and leave-one-model-out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results markdown (default bench/results/costmodel_calibration_<device>.md)")
     p.add_argument("--json", default=None, help="also write every sample as JSON here")
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     pin = None if args.pin_cpu is None else (max(os.sched_getaffinity(0)) if args.pin_cpu == "auto" else int(args.pin_cpu))
     config = MeasureConfig(device=args.device, max_seconds=args.max_seconds, cache_path=args.cache_path, seed=args.seed,
                            sessions=args.sessions, pin_cpu=pin, cuda_graph=args.cuda_graph == "on")
+    if args.measured_json:
+        return offline(args, samples, started)
     with MeasuredLatency(config) as measurer:
         for i, s in enumerate(samples):
             result = measurer.latency(s.graph)
@@ -156,6 +165,26 @@ def main(argv: list[str] | None = None) -> int:
         ort_version = measurer.ort_version
         provider = config.provider
 
+    return report(args, argv, samples, table, started, f"{device_label} ({platform.machine()}, {platform.system()}), {provider}, "
+                  f"onnxruntime {ort_version}", pin)
+
+
+def offline(args: argparse.Namespace, samples: list[Sample], started: float) -> int:
+    """Reuse an earlier run's measurements: the graphs are regenerated and must match its rows."""
+    rows = json.loads(Path(args.measured_json).read_text())
+    if len(rows) != len(samples) or any(r["model"] != s.model or r["rules"] != s.rules for r, s in zip(rows, samples)):
+        raise SystemExit(f"calibrate_costmodel: {args.measured_json} does not hold these graphs (other models, --per-model or --seed?)")
+    for r, s in zip(rows, samples):
+        s.measured_ms, s.low_ms, s.high_ms = r["measured_ms"], r["low_ms"], r["high_ms"]
+        s.session_ms = tuple(r.get("session_ms", ()))
+    table = OpTable.load(args.load_table) if args.load_table else None
+    if table is not None and args.fit_in_graph:
+        table = dataclasses.replace(table, in_graph=None)  # the plain rows price kernels as isolated; the fit adds the mapping
+    return report(args, None, samples, table, started, f"measurements from {args.measured_json}", None)
+
+
+def report(args: argparse.Namespace, argv: list[str] | None, samples: list[Sample], table: OpTable | None,
+           started: float, machine: str, pin: int | None) -> int:
     ok = [s for s in samples if np.isfinite(s.measured_ms)]
     measured = np.array([s.measured_ms for s in ok])
     plain = CostModel(args.profile)
@@ -166,6 +195,31 @@ def main(argv: list[str] | None = None) -> int:
     if table is not None:
         tabled = CostModel(args.profile, table=table)
         variants["per-kernel table"] = [tabled.latency(s.graph).ms for s in ok]
+    in_graph_note = ""
+    if table is not None and args.fit_in_graph:
+        graphs, groups = [s.graph for s in ok], np.array([s.model for s in ok])
+
+        def mapped(fit_on: np.ndarray) -> tuple[InGraphMapping, np.ndarray]:
+            mapping = fit_in_graph(table, [g for g, m in zip(graphs, fit_on) if m], measured[fit_on], list(groups[fit_on]), args.profile)
+            model = CostModel(args.profile, table=dataclasses.replace(table, in_graph=mapping))
+            return mapping, np.array([model.latency(g).ms for g in graphs])
+
+        held_out = np.arange(len(ok)) % 2 == 1
+        _, estimate = mapped(~held_out)
+        variants["per-kernel table + in-graph mapping (held out)"] = list(np.where(held_out, estimate, np.nan))
+        other_models = np.full(len(ok), np.nan)
+        for spec in args.models:
+            _, estimate = mapped(groups != spec)
+            other_models[groups == spec] = estimate[groups == spec]
+        variants["per-kernel table + in-graph mapping (fitted on the other models)"] = list(other_models)
+        mapping, estimate = mapped(np.ones(len(ok), dtype=bool))
+        variants["per-kernel table + in-graph mapping (fitted on all)"] = list(estimate)
+        fitted = fit_fallback_scale(dataclasses.replace(table, in_graph=mapping), graphs, args.profile)
+        if args.export_table:
+            fitted.save(args.export_table)
+        in_graph_note = (f"\nIn-graph mapping fitted on all graphs: a kernel costs max({mapping.scale:.3f} x isolated "
+                         f"{mapping.offset_ms * 1e3:+.2f} us, {mapping.floor_ms * 1e3:.2f} us)"
+                         + (f"; written with its fallback scale to {args.export_table}" if args.export_table else "") + ".\n")
     corrected_note = ""
     for label, base_model in [("plain sum (analytic)", plain)] + ([("per-kernel table", tabled)] if table is not None else []):
         feats = np.array([base_model.features(s.graph) for s in ok])
@@ -195,17 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     spreads = {spec: (lambda m: (m.max() / m.min()) if len(m) else float("nan"))(
         np.array([s.measured_ms for s in ok if s.model == spec])) for spec in args.models}
     ci = np.array([(s.high_ms - s.low_ms) / 2 / s.measured_ms for s in ok])
-    command = "python bench/calibrate_costmodel.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python bench/calibrate_costmodel.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"# Cost-model calibration ({args.device}, profile {args.profile})",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {device_label} ({platform.machine()}, {platform.system()}), {provider}, onnxruntime {ort_version}",
+        f"- machine: {machine}",
         f"- command: `{command.strip()}`",
         f"- graphs: {len(samples)} distinct ({len(ok)} measured ok) from random 1-8 step rewrite sequences over "
         f"{', '.join(args.models)}; wall time {time.time() - started:.0f} s",
-        f"- measurement: {args.sessions} session(s) per graph (median of their medians; worker pinned to CPU {pin}), "
-        f"adaptive runs, CI target 1%, cap {args.max_seconds} s per graph; achieved median "
+        (f"- measurement: {args.sessions} session(s) per graph (median of their medians; worker "
+         f"{'not pinned' if pin is None else f'pinned to CPU {pin}'}), adaptive runs, CI target 1%, cap {args.max_seconds} s per graph; "
+         if not args.measured_json else f"- measurement: as recorded in {args.measured_json} (see the results file of that run); ")
+        + "achieved median "
         f"relative CI half-width {np.median(ci) * 100:.2f}% (90th percentile {np.quantile(ci, 0.9) * 100:.2f}%)",
         "- measured spread within each model (slowest/fastest variant): "
         + ", ".join(f"{k} {v:.3f}x" for k, v in spreads.items()),
@@ -216,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, pooled, per_model, n in rows:
         lines.append(f"| {label} | {pooled:.3f} | " + " | ".join(f"{v:.3f}" for v in per_model) + f" | {n} |")
-    lines += ["", "Correction coefficients (features: " + ", ".join(FEATURE_NAMES) + "):" + corrected_note, ""]
+    lines += ["", "Correction coefficients (features: " + ", ".join(FEATURE_NAMES) + "):" + corrected_note, in_graph_note]
     text = "\n".join(lines)
     print(text)
     out = Path(args.out or Path(__file__).parent / "results" / f"costmodel_calibration_{args.device}.md")

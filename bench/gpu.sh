@@ -10,8 +10,10 @@
 #
 #   Writes into $OUT:
 #       measure_cuda.md                      noise CV, A/A ratio, cost per graph, cache hit rate (CUDA EP, IO binding)
-#       h200_cuda_ort<version>.json          per-kernel table of the zoo models' kernels: commit it as
-#                                            costmodels/h200_cuda_ort<version>.json (CostModel loads it with OpTable.load)
+#       h200_cuda_ort<version>.json          per-kernel table (kernels timed alone, as CUDA graphs). To ship it:
+#                                            python bench/calibrate_costmodel.py --measured-json calibration_cuda.json
+#                                              --load-table THIS --fit-in-graph --export-table xrlflow/data/h200_cudagraph_ort<version>.json ...
+#                                            then python bench/fit_fallback_scale.py xrlflow/data/h200_cudagraph_ort<version>.json
 #       costmodel_calibration_cuda.md        Spearman of the cost model (analytic h200 profile, table, corrected)
 #       calibration_cuda.json                every calibration sample
 #       latency.sqlite                       the cache the calibration filled (measurements + per-kernel tables)

@@ -176,3 +176,102 @@ def test_fallback_scale_prices_unmeasured_kernels_like_measured_ones():
     empty = OpTable("h200", "test", "0", 0.01, {}, table.fallback_scale)
     measured = CostModel("h200", OpTable("h200", "test", "0", 0.01, entries)).latency(graph).ms
     assert abs(CostModel("h200", empty).latency(graph).ms - measured) / measured < 1e-6
+
+
+def _launched_ort_nodes(model_bytes: bytes, tmp_path) -> int:
+    """Nodes onnxruntime's CPU EP keeps after its graph optimisations (ORT_ENABLE_EXTENDED), memory
+    re-labels (Reshape and friends) not counted."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(str(tmp_path / "optimised.onnx"), load_external_data=False).graph.node
+    return sum(n.op_type not in ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Shape") for n in nodes)
+
+
+@pytest.mark.parametrize("name", ["bert-base", "vit-xrl", "inception-v3", "squeezenet"])
+def test_kernel_grouping_matches_the_graph_onnxruntime_runs(name, tmp_path):
+    # The kernels the cost model prices are the nodes onnxruntime keeps after fusing (Gemm, FusedMatMul with
+    # the attention scale, Gelu, SkipLayerNormalization, FusedConv); the GPU profile leaves out the CPU-only
+    # Conv + Add + Relu fusion, which these models do not use.
+    from xrlflow.onnx_io import graph_to_bytes
+    from xrlflow.zoo import export_model
+
+    from xrlflow.engine import prepare_for_search
+    from xrlflow.rules import CANONICAL_RULES
+
+    # searches start from the canonical form (BatchNorm folded into Conv, as onnxruntime does too)
+    graph = prepare_for_search(load_graph(export_model(name, small=True)), ENGINE, CANONICAL_RULES)
+    launched = [k for k in group_kernels(graph, H200_PROFILE) if not k.alias]
+    assert len(launched) == _launched_ort_nodes(graph_to_bytes(graph), tmp_path)
+
+
+def _gelu_graph(divisor: float, half: float = 0.5):
+    b = ModelBuilder(seed=3)
+    x = b.op("MatMul", [b.input("x", [1, 8, 32]), b.const([32, 64])])
+    erf = b.op("Erf", [b.op("Div", [x, b.const([], value=[divisor])])])
+    gelu = b.op("Mul", [b.op("Mul", [x, b.op("Add", [erf, b.const([], value=[1.0])])]), b.const([], value=[half])])
+    scores = b.op("MatMul", [gelu, b.op("Transpose", [gelu], perm=[0, 2, 1])])
+    b.output(b.op("Mul", [scores, b.const([], value=[0.125])]))
+    return load_graph(b.model())
+
+
+def test_gelu_and_matmul_scale_are_one_kernel_each_and_near_misses_are_not():
+    kernels = [k.ops for k in group_kernels(_gelu_graph(2 ** 0.5), H200_PROFILE) if not k.alias]
+    assert ("Div", "Erf", "Add", "Mul", "Mul") in kernels and ("MatMul", "Mul") in kernels
+    assert len(kernels) == 4  # MatMul, Gelu, Transpose, FusedMatMul
+    # x / 1.5 is not GELU, nor is a final * 0.4: onnxruntime's GeluFusion checks the constants, so do we
+    for graph in (_gelu_graph(1.5), _gelu_graph(2 ** 0.5, half=0.4)):
+        ops = [k.ops for k in group_kernels(graph, H200_PROFILE) if not k.alias]
+        assert not any(len(o) == 5 for o in ops) and len(ops) > 4
+    # a scale that is not one number (a per-column Mul) stays its own kernel
+    b = ModelBuilder(seed=4)
+    y = b.op("MatMul", [b.input("x", [4, 16]), b.const([16, 16])])
+    b.output(b.op("Mul", [y, b.const([16])]))
+    assert [k.ops for k in group_kernels(load_graph(b.model()), H200_PROFILE) if not k.alias] == [("MatMul",), ("Mul",)]
+
+
+def test_in_graph_mapping_round_trips_and_its_fit_recovers_a_known_mapping(tmp_path):
+    import dataclasses
+    import random
+
+    from xrlflow.costmodel import InGraphMapping, fit_in_graph
+    from xrlflow.zoo import export_model
+
+    truth = InGraphMapping(scale=1.2, offset_ms=-0.0025, floor_ms=0.00175)  # on the fit's grid
+    graphs, groups = [], []
+    for name in ("squeezenet", "bert-base"):
+        base = load_graph(export_model(name, small=True))
+        rng = random.Random(0)
+        for _ in range(12):
+            g = base
+            for _ in range(rng.randint(0, 3)):
+                found = ENGINE.matches(g)
+                if found:
+                    g = ENGINE.apply(g, rng.choice(found))
+            graphs.append(g)
+            groups.append(name)
+    analytic = CostModel("h200")
+    entries = {}
+    for g in graphs:
+        for k in group_kernels(g, H200_PROFILE):
+            if not k.alias:
+                entries[kernel_key(g, k)] = 0.01 + 2.0 * analytic.kernel_ms(g, k)
+    table = OpTable("h200", "test", "0", 0.01, entries)
+    measured = [CostModel("h200", dataclasses.replace(table, in_graph=truth)).latency(g).ms + 0.05 for g in graphs]
+    fitted = fit_in_graph(table, graphs, measured, groups, "h200")
+    # these graphs' kernel counts and times are nearly collinear, so several mappings fit exactly; the fit
+    # must find one that reproduces every measured latency up to the constant
+    estimate = np.array([CostModel("h200", dataclasses.replace(table, in_graph=fitted)).latency(g).ms for g in graphs])
+    assert np.std(np.asarray(measured) - estimate) < 1e-9
+    # a mapping off the truth does not: the scale moves the estimates apart
+    wrong = np.array([CostModel("h200", dataclasses.replace(table, in_graph=dataclasses.replace(fitted, scale=fitted.scale * 0.8))).latency(g).ms for g in graphs])
+    assert np.std(np.asarray(measured) - wrong) > 1e-4
+    path = tmp_path / "t.json"
+    dataclasses.replace(table, in_graph=fitted).save(path)
+    assert OpTable.load(path).in_graph == fitted
+    assert fitted.cost(0.0) == fitted.floor_ms
+    assert truth.cost(0.0) == truth.floor_ms and truth.cost(0.01) == pytest.approx(1.2 * 0.01 - 0.0025)

@@ -2,8 +2,10 @@
 
 The graph is first grouped into the kernels onnxruntime would run (after its own rewrites): constant-only
 nodes are folded away at session creation, Identity/Dropout vanish, Reshape-like nodes only re-label memory,
-MatMul + bias Add becomes one Gemm, Conv absorbs a constant Add (bias) and a following Relu, on the CPU also
-a residual Add + Relu, and Add + LayerNormalization becomes SkipLayerNormalization. Each kernel then costs
+MatMul + bias Add becomes one Gemm, MatMul absorbs a following scalar Mul/Div (FusedMatMul), the exported
+exact GELU (Div, Erf, Add, Mul, Mul) is one Gelu kernel, Conv absorbs a constant Add (bias) and a following
+Relu, on the CPU also a residual Add + Relu, and Add + LayerNormalization becomes SkipLayerNormalization
+(checked against the optimised model onnxruntime writes at ORT_ENABLE_EXTENDED). Each kernel then costs
 
     measured table entry  (TASO-style: the kernel as a tiny ONNX model, timed once per device), or
     launch overhead + FLOPs / peak + bytes / bandwidth  (the analytic fallback, per device profile).
@@ -17,6 +19,7 @@ calibrated latency; bench/calibrate_costmodel.py fits it on measured pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -58,17 +61,34 @@ CPU_PROFILE = DeviceProfile(
     # one intra-op thread of an AVX2/AVX-512 core under MLAS; launch cost from the calibration's smallest
     # graphs (a 138-node Inception-v3 of width 1/8 ran in 0.097 ms: well under a microsecond per kernel)
     name="cpu", peak_flops=60e9, bandwidth=10e9, launch_ms=0.0007, alias_ms=0.0002, min_kernel_ms=0.0,
-    fusions=frozenset({"matmul_add", "conv_bias", "conv_activation", "conv_add_activation", "skip_layernorm"}),
+    fusions=frozenset({"matmul_add", "matmul_scale", "gelu", "conv_bias", "conv_activation", "conv_add_activation", "skip_layernorm"}),
 )
 H200_PROFILE = DeviceProfile(
     # TF32 tensor cores on fp32 GEMMs (ORT's CUDA EP default); launch cost from REFERENCE.md's CUDA-graph
     # comparison (~4 us of the plain run per node at batch 1)
     name="h200", peak_flops=200e12, bandwidth=4.0e12, launch_ms=0.004, alias_ms=0.001, min_kernel_ms=0.002,
-    fusions=frozenset({"matmul_add", "conv_bias", "conv_activation", "skip_layernorm"}),
+    fusions=frozenset({"matmul_add", "matmul_scale", "gelu", "conv_bias", "conv_activation", "skip_layernorm"}),
 )
 PROFILES = {"cpu": CPU_PROFILE, "h200": H200_PROFILE}
 # Per-kernel tables measured on real devices and shipped with the package (bench/gpu.sh makes them).
-BUNDLED_TABLES = {"h200": "h200_cuda_ort1.31.1.json"}
+# h200: kernels timed as replayed CUDA graphs (MeasureConfig's CUDA default), with the in-graph mapping and
+# fallback scale fitted on measured graphs (bench/results/costmodel_calibration_cuda.md).
+BUNDLED_TABLES = {"h200": "h200_cudagraph_ort1.31.1.json"}
+
+
+@dataclass(frozen=True)
+class InGraphMapping:
+    """A kernel's cost inside a whole graph from its isolated time (both in ms)."""
+
+    scale: float
+    offset_ms: float
+    floor_ms: float
+
+    def cost(self, isolated_ms: float) -> float:
+        return max(self.scale * isolated_ms + self.offset_ms, self.floor_ms)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "offset_ms": self.offset_ms, "floor_ms": self.floor_ms}
 
 
 @dataclass(frozen=True)
@@ -84,11 +104,23 @@ class OpTable:
     # estimated analytically times this factor, so a search cannot "win" by producing unmeasured kernels
     # that the (optimistic) analytic model underprices. Filled by `fit_fallback_scale`.
     fallback_scale: dict[str, float] = field(default_factory=dict)
+    # How a kernel's isolated time maps to its share of a whole graph's run, fitted on measured graphs
+    # (bench/calibrate_costmodel.py --fit-in-graph): max(scale * (entry - baseline) + offset_ms, floor_ms).
+    # In a replayed CUDA graph a kernel costs less than alone (no per-run launch and sync), and no kernel
+    # costs less than the floor. None: entry - baseline + the profile's launch cost.
+    in_graph: "InGraphMapping | None" = None
+
+    def kernel_cost(self, entry_ms: float, launch_ms: float) -> float:
+        isolated = max(entry_ms - self.baseline_ms, 0.0)
+        if self.in_graph is None:
+            return isolated + launch_ms
+        return self.in_graph.cost(isolated)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         data = {
             "device": self.device, "provider": self.provider, "ort_version": self.ort_version,
             "baseline_ms": self.baseline_ms, "fallback_scale": dict(sorted(self.fallback_scale.items())),
+            **({"in_graph": self.in_graph.as_dict()} if self.in_graph is not None else {}),
             "entries": dict(sorted(self.entries.items())),
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +136,7 @@ class OpTable:
                 str(data["device"]), str(data["provider"]), str(data["ort_version"]), float(data["baseline_ms"]),
                 {str(k): float(v) for k, v in data["entries"].items()},
                 {str(k): float(v) for k, v in data.get("fallback_scale", {}).items()},
+                InGraphMapping(**{k: float(v) for k, v in data["in_graph"].items()}) if "in_graph" in data else None,
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BadInputError(f"{path}: not a cost-model table ({type(exc).__name__}: {exc})") from None
@@ -231,7 +264,7 @@ class CostModel:
             if self.table is not None:
                 measured = self.table.entries.get(kernel_key(graph, kernel))
                 if measured is not None:
-                    ms = max(measured - self.table.baseline_ms, 0.0) + p.launch_ms
+                    ms = self.table.kernel_cost(measured, p.launch_ms)
             if ms is None:
                 ms = p.launch_ms + max(p.min_kernel_ms, flop_ms + byte_ms)
                 if self.table is not None and self.table.fallback_scale:
@@ -253,6 +286,52 @@ def _sole_reader(graph: Graph, value: str) -> Node | None:
 
 def _other_input(node: Node, value: str) -> str:
     return node.inputs[1] if node.inputs[0] == value else node.inputs[0]
+
+
+def _scalar(graph: Graph, value: str, const) -> float | None:
+    """The value of a one-element float constant, else None."""
+    t = graph.types.get(value)
+    if not value or not const(value) or t is None or t.numel() != 1:
+        return None
+    arr = graph.constant_array(value)
+    if arr is None or arr.dtype.kind != "f":
+        return None
+    return float(arr.reshape(-1)[0])
+
+
+def _scales_by_scalar(graph: Graph, node: Node, value: str, const) -> bool:
+    """`node` multiplies `value` by a scalar constant, or divides it by one (what MatMulScaleFusion absorbs)."""
+    if node.op_type == "Mul":
+        return _scalar(graph, _other_input(node, value), const) is not None
+    return node.op_type == "Div" and node.inputs[0] == value and _scalar(graph, node.inputs[1], const) is not None
+
+
+def _gelu_nodes(graph: Graph, first: Node, const) -> list[Node] | None:
+    """x / sqrt(2) (or x * 1/sqrt(2)) -> Erf -> + 1 -> * x -> * 0.5: the exact GELU onnxruntime's GeluFusion
+    turns into one kernel (the exported form of torch.nn.functional.gelu)."""
+    x = first.inputs[0]
+    if first.op_type == "Div":
+        scale = _scalar(graph, first.inputs[1], const)
+        if scale is None or abs(scale - 2 ** 0.5) > 1e-3:
+            return None
+    else:
+        x = next((v for v in first.inputs if _scalar(graph, v, const) is None), "")
+        scale = _scalar(graph, _other_input(first, x), const) if x else None
+        if scale is None or abs(scale - 2 ** -0.5) > 1e-3:
+            return None
+    erf = _sole_reader(graph, first.outputs[0])
+    if erf is None or erf.op_type != "Erf":
+        return None
+    one = _sole_reader(graph, erf.outputs[0])
+    if one is None or one.op_type != "Add" or _scalar(graph, _other_input(one, erf.outputs[0]), const) != 1.0:
+        return None
+    times_x = _sole_reader(graph, one.outputs[0])
+    if times_x is None or times_x.op_type != "Mul" or _other_input(times_x, one.outputs[0]) != x:
+        return None
+    half = _sole_reader(graph, times_x.outputs[0])
+    if half is None or half.op_type != "Mul" or _scalar(graph, _other_input(half, times_x.outputs[0]), const) != 0.5:
+        return None
+    return [first, erf, one, times_x, half]
 
 
 def group_kernels(graph: Graph, profile: DeviceProfile) -> list[Kernel]:
@@ -285,10 +364,15 @@ def group_kernels(graph: Graph, profile: DeviceProfile) -> list[Kernel]:
             continue
         members = [node]
         out = node.outputs[0] if node.outputs else ""
-        if op in ("MatMul", "Gemm") and "matmul_add" in fusions:
-            add = _sole_reader(graph, out)
-            if add is not None and add.op_type == "Add" and const(_other_input(add, out)):
-                members.append(add)
+        gelu = _gelu_nodes(graph, node, const) if "gelu" in fusions and op in ("Div", "Mul") else None
+        if gelu is not None:
+            members = gelu
+        elif op in ("MatMul", "Gemm"):
+            nxt = _sole_reader(graph, out)
+            if nxt is not None and nxt.op_type == "Add" and "matmul_add" in fusions and const(_other_input(nxt, out)):
+                members.append(nxt)  # Gemm (onnxruntime's MatMulAddFusion runs first, at the basic level)
+            elif op == "MatMul" and nxt is not None and "matmul_scale" in fusions and _scales_by_scalar(graph, nxt, out, const):
+                members.append(nxt)  # FusedMatMul with alpha
         elif op == "Conv":
             nxt = _sole_reader(graph, out)
             if nxt is not None and nxt.op_type in ("Add", "Mul") and "conv_bias" in fusions and const(_other_input(nxt, out)):
@@ -301,7 +385,9 @@ def group_kernels(graph: Graph, profile: DeviceProfile) -> list[Kernel]:
                 act = _sole_reader(graph, nxt.outputs[0])
                 if act is not None and act.op_type == "Relu":
                     members.extend((nxt, act))
-        elif op == "Add" and "skip_layernorm" in fusions:
+        elif op == "Add" and "skip_layernorm" in fusions and not any(const(v) for v in node.inputs):
+            # a residual Add; onnxruntime leaves Add(x, constant) + LayerNormalization (BERT's position
+            # embedding) as two kernels
             ln = _sole_reader(graph, out)
             if ln is not None and ln.op_type == "LayerNormalization" and ln.inputs[0] == out:
                 members.append(ln)
@@ -580,7 +666,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "CostModel", "DeviceProfile", "CPU_PROFILE", "H200_PROFILE", "PROFILES", "OpTable", "LinearCorrection",
+    "CostModel", "DeviceProfile", "CPU_PROFILE", "H200_PROFILE", "PROFILES", "OpTable", "InGraphMapping", "LinearCorrection",
     "Kernel", "group_kernels", "kernel_work", "kernel_key", "kernel_model", "build_op_table", "spearman", "FEATURE_NAMES",
 ]
 
@@ -600,11 +686,64 @@ def fit_fallback_scale(table: OpTable, graphs: Iterable[Graph], profile: DeviceP
             if key in seen or key not in table.entries:
                 continue
             seen.add(key)
-            measured = max(table.entries[key] - table.baseline_ms, 0.0) + prof.launch_ms
+            measured = table.kernel_cost(table.entries[key], prof.launch_ms)
             estimate = analytic.kernel_ms(graph, kernel)
             if estimate > 0:
                 op = graph.nodes[kernel.nodes[0]].op_type
                 ratios.setdefault(op, []).append(measured / estimate)
                 ratios.setdefault("*", []).append(measured / estimate)
     scale = {op: float(np.median(r)) for op, r in ratios.items() if len(r) >= 3 or op == "*"}
-    return OpTable(table.device, table.provider, table.ort_version, table.baseline_ms, table.entries, scale)
+    return dataclasses.replace(table, fallback_scale=scale)
+
+
+def fit_in_graph(
+    table: OpTable, graphs: Sequence[Graph], measured_ms: Sequence[float], groups: Sequence[str],
+    profile: DeviceProfile | str,
+    floors_ms: Sequence[float] = tuple(np.arange(0.0, 3.01, 0.25) * 1e-3),
+    offsets_ms: Sequence[float] = tuple(np.arange(-5.0, 0.01, 0.5) * 1e-3),
+) -> InGraphMapping:
+    """The table's `in_graph` mapping that ranks measured graphs best within each group (model): a grid over
+    floor and offset, the scale by least squares against the measured latencies (with a free constant, which
+    does not change a ranking and is not kept), chosen by the mean within-group Spearman correlation and,
+    among equal ones, the smaller squared error.
+    Kernels missing from the table enter with their current estimate, unchanged by the mapping."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    current = CostModel(prof, table)
+    isolated: list[np.ndarray] = []
+    rest = np.zeros(len(graphs))
+    for i, graph in enumerate(graphs):
+        times = []
+        for kernel in group_kernels(graph, prof):
+            entry = None if kernel.alias else table.entries.get(kernel_key(graph, kernel))
+            if entry is None:
+                rest[i] += current.kernel_ms(graph, kernel)
+            else:
+                times.append(max(entry - table.baseline_ms, 0.0))
+        isolated.append(np.asarray(times))
+    y = np.asarray(measured_ms, dtype=np.float64)
+    group_arr = np.asarray(groups)
+    members = [group_arr == g for g in dict.fromkeys(groups)]
+    best: tuple[float, float, InGraphMapping] | None = None
+    for floor in floors_ms:
+        for offset in offsets_ms:
+            scale = 1.0
+            for _ in range(8):  # which kernels sit on the floor depends on the scale: iterate to a fixed point
+                above = [scale * e + offset > floor for e in isolated]
+                linear = np.array([e[m].sum() for e, m in zip(isolated, above)])
+                fixed = np.array([np.where(m, offset, floor).sum() for m in above]) + rest
+                design = np.column_stack([linear, np.ones(len(y))])
+                new_scale = float(np.linalg.lstsq(design, y - fixed, rcond=None)[0][0])
+                if new_scale <= 0 or abs(new_scale - scale) < 1e-6:
+                    scale = max(new_scale, 1e-3)
+                    break
+                scale = new_scale
+            mapping = InGraphMapping(scale, float(offset), float(floor))
+            estimate = np.array([np.maximum(scale * e + offset, floor).sum() for e in isolated]) + rest
+            score = float(np.mean([spearman(estimate[m], y[m]) for m in members if m.sum() > 2]))
+            residual = y - estimate
+            sse = float(((residual - residual.mean()) ** 2).sum())
+            # rank first; among equal rankings (ties are common on few graphs) the closest fit
+            if best is None or score > best[0] + 1e-9 or (abs(score - best[0]) <= 1e-9 and sse < best[1]):
+                best = (score, sse, mapping)
+    assert best is not None
+    return best[2]
