@@ -66,7 +66,7 @@ class MeasureConfig:
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # CUDA EP option: EXHAUSTIVE (its default), HEURISTIC, DEFAULT
     # CUDA EP option enable_cuda_graph: time the run replayed as one captured CUDA graph. None: on for CUDA.
     # A plain CUDA run of a batch-1 model is bound by the host launching each kernel, and on the H200 machine
-    # that host time varied by 11-18% (CV) between sessions; replayed graphs measure the GPU work at a CV
+    # that host time varied by 5-18% (CV) between sessions; replayed graphs measure the GPU work at a CV
     # under 1% (bench/results/measure_cuda.md). Needs every node on the CUDA EP and static shapes.
     cuda_graph: bool | None = None
     cache_path: str | None = None  # None: default_cache_path(); "" turns the cache off
