@@ -229,6 +229,11 @@ def test_cli_measure_json_and_failure_exit_code(tmp_path, monkeypatch, capsys):
     assert cli_main(["cache", "stats", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["measurements"] == 2
     assert cli_main(["measure", str(tmp_path / "missing.onnx")]) == 2
+    # several sessions: each one's median in the report; an impossible one is a one-line error
+    assert cli_main(["measure", str(good), "--json", "--no-cache", "--sessions", "2", "--max-seconds", "1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["session_medians_ms"]) == 2
+    assert cli_main(["measure", str(good), "--sessions", "0"]) == 2
+    assert "sessions must be >= 1" in capsys.readouterr().err
 
 
 def test_cuda_without_the_provider_is_bad_input():

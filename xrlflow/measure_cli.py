@@ -14,6 +14,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opt-level", default="ORT_ENABLE_ALL", help="onnxruntime graph optimisation level")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads on the CPU (default 1)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="cap on timing time")
+    p.add_argument("--sessions", type=int, default=1, metavar="K",
+                   help="time K sessions of each model round-robin; the latency is the median of their medians")
+    p.add_argument("--pin-cpu", type=int, default=None, metavar="N", help="run the measurement worker on CPU core N")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on CUDA, time plain runs instead of a replayed CUDA graph (host launch time included; noisy)")
     p.add_argument("--timeout", type=float, default=120.0, help="kill the measurement after this many seconds")
@@ -45,7 +48,7 @@ def run_measure(args: argparse.Namespace) -> int:
     config = MeasureConfig(
         device=args.device, opt_level=args.opt_level, intra_op_threads=args.threads,
         max_seconds=args.max_seconds, timeout_s=args.timeout, cache_path="" if args.no_cache else None,
-        cuda_graph=False if args.no_cuda_graph else None,
+        cuda_graph=False if args.no_cuda_graph else None, sessions=args.sessions, pin_cpu=args.pin_cpu,
     )
     shapes = parse_input_shapes(args.input_shape)
     graphs = [load_graph(path, shapes) for path in args.model]
@@ -65,7 +68,7 @@ def run_measure(args: argparse.Namespace) -> int:
         "model": path, "device": device, "provider": config.provider, "onnxruntime": ort_version,
         "opt_level": config.opt_level, "ok": result.ok, "median_ms": result.ms if result.ok else None,
         "ci95_ms": [result.low_ms, result.high_ms] if result.ok else None, "runs": result.runs,
-        "source": result.source, "reason": result.reason,
+        "source": result.source, "reason": result.reason, "session_medians_ms": list(result.session_ms),
     } for path, result in zip(args.model, results)]
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))

@@ -288,7 +288,11 @@ def worker_main(conn: Any, memory_limit_mb: int | None, pin_cpu: int | None = No
         import os
 
         os.sched_setaffinity(0, {pin_cpu})  # before onnxruntime starts any thread: they inherit it
-    import onnxruntime  # noqa: F401  (load it once, before the first job's clock starts)
+    import onnxruntime  # load it once, before the first job's clock starts
+
+    # onnxruntime-gpu logs a warning per CUDA session about plugin EP devices through its default logger,
+    # which SessionOptions.log_severity_level does not reach
+    onnxruntime.set_default_logger_severity(3)
 
     while True:
         try:
