@@ -31,34 +31,25 @@ from calibrate_costmodel import load_model, random_sequences  # noqa: E402
 
 
 def export(args: argparse.Namespace) -> int:
-    from xrlflow.costmodel import PROFILES, OpTable, group_kernels, kernel_key, kernel_model
+    from xrlflow.costmodel import PROFILES, OpTable, distinct_kernel_models
 
     table = OpTable.load(args.table)
     profile = PROFILES[args.profile]
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest: list[dict] = []
-    seen: set[str] = set(table.entries)
-    for group, per_model in zip(args.models, args.per_model):
-        rng = random.Random(args.seed)
-        for spec in group:
-            for sample in random_sequences(spec, load_model(spec), per_model, rng):
-                graph = sample.graph
-                for kernel in group_kernels(graph, profile):
-                    if kernel.alias:
-                        continue
-                    key = kernel_key(graph, kernel)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    built = kernel_model(graph, kernel)
-                    if built is None:
-                        continue
-                    model, runtime = built
-                    name = f"k{len(manifest):04d}.onnx"
-                    (folder / name).write_bytes(model.SerializeToString())
-                    manifest.append({"file": name, "key": key, "inputs": [[n, t, list(s)] for n, t, s in runtime],
-                                     "ops": list(kernel.ops), "model": spec})
+
+    def graphs():
+        for group, per_model in zip(args.models, args.per_model):
+            rng = random.Random(args.seed)
+            for spec in group:
+                yield from (sample.graph for sample in random_sequences(spec, load_model(spec), per_model, rng))
+
+    for key, model, runtime in distinct_kernel_models(graphs(), profile, table.entries):
+        name = f"k{len(manifest):04d}.onnx"
+        (folder / name).write_bytes(model.SerializeToString())
+        manifest.append({"file": name, "key": key, "inputs": [[n, t, list(s)] for n, t, s in runtime],
+                         "ops": [node.op_type for node in model.graph.node]})
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     size = sum(p.stat().st_size for p in folder.iterdir())
     print(f"{len(manifest)} kernels missing from {args.table} written to {folder} ({size / 1e6:.1f} MB)")

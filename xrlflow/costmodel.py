@@ -595,6 +595,23 @@ def baseline_model() -> tuple[onnx.ModelProto, list[tuple[str, int, tuple[int, .
     return model, [("x", onnx.TensorProto.FLOAT, (1,))]
 
 
+def distinct_kernel_models(graphs: Iterable[Graph], profile: DeviceProfile, known: Iterable[str] = ()):
+    """(key, standalone model, runtime inputs) of each launched kernel of `graphs` once, skipping `known`
+    keys and kernels without static shapes."""
+    seen = set(known)
+    for graph in graphs:
+        for kernel in group_kernels(graph, profile):
+            if kernel.alias:
+                continue
+            key = kernel_key(graph, kernel)
+            if key in seen:
+                continue
+            seen.add(key)
+            built = kernel_model(graph, kernel)
+            if built is not None:
+                yield key, built[0], built[1]
+
+
 def build_op_table(graphs: Iterable[Graph], measurer: Any, profile: DeviceProfile | str = "cpu",
                    progress: Any = None) -> OpTable:
     """Measure every distinct kernel of `graphs` once (through `measurer`, a MeasuredLatency whose cache holds
@@ -623,21 +640,12 @@ def build_op_table(graphs: Iterable[Graph], measurer: Any, profile: DeviceProfil
     if baseline is None:
         raise RuntimeError("cannot measure the baseline model")
     entries: dict[str, float] = {}
-    for graph in graphs:
-        for kernel in group_kernels(graph, prof):
-            if kernel.alias:
-                continue
-            key = kernel_key(graph, kernel)
-            if key in entries:
-                continue
-            built = kernel_model(graph, kernel)
-            if built is None:
-                continue
-            ms = measure(built[0], built[1], key)
-            if ms is not None:
-                entries[key] = ms
-            if progress is not None:
-                progress(len(entries))
+    for key, model, runtime in distinct_kernel_models(graphs, prof):
+        ms = measure(model, runtime, key)
+        if ms is not None:
+            entries[key] = ms
+        if progress is not None:
+            progress(len(entries))
     return OpTable(device, measurer.config.provider, measurer.ort_version, baseline, entries)
 
 

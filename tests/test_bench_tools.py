@@ -1,0 +1,66 @@
+"""The bench tools that make committed data: filling a per-kernel table's gaps, recomputing a calibration
+from recorded measurements. Run here on the CPU EP with the small zoo models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from xrlflow.costmodel import CostModel, OpTable, group_kernels, kernel_key, PROFILES
+from xrlflow.onnx_io import load_graph
+from xrlflow.zoo import export_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_table_fill_measures_only_the_missing_kernels_and_merges_them(tmp_path):
+    graph = load_graph(export_model("squeezenet", small=True))
+    keys = [kernel_key(graph, k) for k in group_kernels(graph, PROFILES["cpu"]) if not k.alias]
+    known = {keys[0]: 0.5}  # one kernel already in the table, at a price no CPU run gives
+    table = tmp_path / "table.json"
+    OpTable("cpu", "CPUExecutionProvider/t1", "0", 0.01, known).save(table)
+    folder, filled = tmp_path / "kernels", tmp_path / "filled.json"
+    bench("bench/table_fill.py", "export", "--table", str(table), "--folder", str(folder), "--profile", "cpu",
+          "--models", "squeezenet:small", "--per-model", "1")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {m["key"] for m in manifest} == set(keys) - set(known)
+    bench("bench/table_fill.py", "measure", "--folder", str(folder), "--device", "cpu", "--max-seconds", "0.2", "--out", str(filled))
+    measured = json.loads(filled.read_text())
+    assert not measured["failures"] and set(measured["entries"]) == set(keys) - set(known)
+    # a table measured with another provider or onnxruntime is refused; a matching one merges
+    out = tmp_path / "merged.json"
+    done = subprocess.run([sys.executable, "bench/table_fill.py", "merge", "--table", str(table), "--filled", str(filled),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "was measured with" in done.stderr
+    OpTable("cpu", measured["provider"], measured["ort_version"], 0.01, known).save(table)
+    bench("bench/table_fill.py", "merge", "--table", str(table), "--filled", str(filled), "--out", str(out))
+    merged = OpTable.load(out)
+    assert merged.entries[keys[0]] == 0.5 and set(merged.entries) == set(keys)
+    shift = 0.01 - measured["baseline_ms"]
+    some = next(iter(measured["entries"]))
+    assert abs(merged.entries[some] - (measured["entries"][some] + shift)) < 1e-12
+    assert CostModel("cpu", merged).table_coverage(graph) == 1.0
+
+
+def test_calibration_recomputed_from_recorded_measurements_matches_the_run(tmp_path):
+    # measure once (two sessions per graph), then recompute every row from the JSON without measuring
+    common = ["--models", "squeezenet:small", "bert-base:small", "--per-model", "6", "--max-seconds", "0.2"]
+    first = bench("bench/calibrate_costmodel.py", *common, "--sessions", "2", "--cache-path", str(tmp_path / "c.sqlite"),
+                  "--json", str(tmp_path / "cal.json"), "--out", str(tmp_path / "cal.md"))
+    again = bench("bench/calibrate_costmodel.py", *common, "--measured-json", str(tmp_path / "cal.json"),
+                  "--out", str(tmp_path / "again.md"))
+    rows = lambda text: [line for line in text.splitlines() if line.startswith("| plain") or line.startswith("| measured")]
+    assert rows(first) == rows(again) and len(rows(first)) == 3  # plain sum, its correction, session vs session
+    # other graphs than recorded are refused
+    other = ["--models", "squeezenet:small", "bert-base:small", "--per-model", "7"]
+    done = subprocess.run([sys.executable, "bench/calibrate_costmodel.py", *other, "--measured-json", str(tmp_path / "cal.json")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "does not hold these graphs" in done.stderr
