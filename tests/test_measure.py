@@ -305,3 +305,51 @@ def test_bad_measurement_settings_are_one_line_errors(settings, message):
 
     with pytest.raises(BadInputError, match=message):
         MeasureConfig(**settings)
+
+
+def test_a_model_cuda_graphs_cannot_capture_is_a_failure_that_says_what_to_do(monkeypatch):
+    class Pipe:
+        def __init__(self, job):
+            self.inbox, self.sent = [job, None], []
+
+        def recv(self):
+            return self.inbox.pop(0)
+
+        def send(self, message):
+            self.sent.append(message)
+
+    def refuse(job):
+        raise RuntimeError("This session cannot use the CUDA Graph feature as requested by the user as all "
+                           "compute graph nodes have not been partitioned to the CUDA EP.")
+
+    monkeypatch.setattr(measure_worker, "run_job", refuse)
+    monkeypatch.setattr("onnxruntime.set_default_logger_severity", lambda level: None)
+    for cuda_graph, expected in ((True, measure_worker.CUDA_GRAPH_IMPOSSIBLE), (False, "This session cannot")):
+        job = measure_worker.TimingJob((b"m",), ((),), SessionSettings(device="cuda", cuda_graph=cuda_graph), TimingPlan())
+        pipe = Pipe(job)
+        measure_worker.worker_main(pipe, None)
+        status, line = pipe.sent[0]
+        assert status == "error" and line.startswith(expected) and "\n" not in line
+
+
+def test_the_optimizer_times_plain_cuda_runs_when_capture_is_impossible():
+    from xrlflow.optimizer import plain_cuda_if_uncapturable
+
+    class Service:
+        def __init__(self, reason=""):
+            self.reason, self.closed = reason, False
+
+        def latency(self, graph):
+            return Latency.failed(self.reason) if self.reason else Latency(1.0, 1.0, 1.0, 10, "measured")
+
+        def close(self):
+            self.closed = True
+
+    plain = Service()
+    graph = load_graph(tiny_model())
+    refusing = Service(f"{measure_worker.CUDA_GRAPH_IMPOSSIBLE} (...): measure it with cuda_graph=False")
+    service, note = plain_cuda_if_uncapturable(refusing, graph, lambda: plain)
+    assert service is plain and refusing.closed and "plain CUDA runs" in note
+    for kept in (Service(), Service("onnxruntime cannot load the model")):  # capture worked, or another failure
+        service, note = plain_cuda_if_uncapturable(kept, graph, lambda: plain)
+        assert service is kept and note is None and not kept.closed

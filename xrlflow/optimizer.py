@@ -108,6 +108,29 @@ def make_latency_service(kind: str, device: str, input_shapes: Mapping[str, tupl
     return CostModel.for_device("h200" if device == "cuda" else "cpu")  # h200: bundled measured table
 
 
+def plain_cuda_if_uncapturable(service: LatencyService, graph: Graph, make_plain) -> tuple[LatencyService, str | None]:
+    """Measured CUDA latency replays a captured CUDA graph; a model onnxruntime cannot capture (a node off
+    the GPU) is timed with plain runs instead, and the report says so."""
+    from xrlflow.measure_worker import CUDA_GRAPH_IMPOSSIBLE
+
+    first = service.latency(graph)
+    if first.ok or CUDA_GRAPH_IMPOSSIBLE not in first.reason:
+        return service, None
+    close = getattr(service, "close", None)
+    if callable(close):
+        close()
+    return make_plain(), ("onnxruntime cannot capture this model as a CUDA graph: latencies are plain CUDA runs, "
+                          "which include the host's kernel launches and vary more between sessions")
+
+
+def _plain_cuda_service(service: Any) -> LatencyService:
+    import dataclasses
+
+    from xrlflow.measure import MeasuredLatency
+
+    return MeasuredLatency(dataclasses.replace(service.config, cuda_graph=False))
+
+
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
@@ -372,6 +395,10 @@ def optimize(
         why = "onnxruntime cannot run the input" if cannot_run else "the model is over 2 GB (the measured service takes bytes)"
         warnings.append(f"latency could not be measured ({why}): rewrites were chosen by the cost model")
     service = latency_service or make_latency_service(kind, config.device, config.input_shapes)
+    if latency_service is None and kind == "measured" and config.device == "cuda":
+        service, note = plain_cuda_if_uncapturable(service, graph, lambda: _plain_cuda_service(service))
+        if note:
+            warnings.append(note)
 
     result = _search(config, graph, engine, service)
     path = _replay(engine, graph, result.applied)
