@@ -86,6 +86,8 @@ class MeasureConfig:
         if self.pin_cpu is not None:
             import os
 
+            if not hasattr(os, "sched_setaffinity"):
+                raise BadInputError("pinning the measurement worker to a CPU needs Linux (os.sched_setaffinity)")
             if self.pin_cpu not in os.sched_getaffinity(0):
                 raise BadInputError(f"cannot pin the measurement worker to CPU {self.pin_cpu}: this process may use {sorted(os.sched_getaffinity(0))}")
 
