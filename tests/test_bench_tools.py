@@ -64,3 +64,32 @@ def test_calibration_recomputed_from_recorded_measurements_matches_the_run(tmp_p
     done = subprocess.run([sys.executable, "bench/calibrate_costmodel.py", *other, "--measured-json", str(tmp_path / "cal.json")],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "does not hold these graphs" in done.stderr
+
+
+def test_the_bundled_h200_table_ranks_the_recorded_h200_measurements_as_reported():
+    # Guards bench/results/costmodel_calibration_cuda.md: the 210 graphs are regenerated (same seed) from the
+    # full-size zoo models, priced by the bundled table, and ranked against the measurements recorded on the
+    # H200. A change to the kernel grouping that loses table keys, or a table change, shows here first.
+    import random
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from calibrate_costmodel import load_model, random_sequences
+    from xrlflow.costmodel import spearman
+
+    rows = json.loads((ROOT / "bench/results/calibration_cuda.json").read_text())
+    rng = random.Random(0)
+    samples = []
+    for spec in ("bert-base", "inception-v3", "squeezenet"):
+        samples += random_sequences(spec, load_model(spec), 70, rng)
+    assert [(s.model, s.rules) for s in samples] == [(r["model"], r["rules"]) for r in rows]
+    model = CostModel.for_device("h200")
+    assert all(model.table_coverage(s.graph) == 1.0 for s in samples)
+    estimate = np.array([model.latency(s.graph).ms for s in samples])
+    measured = np.array([r["measured_ms"] for r in rows])
+    groups = np.array([r["model"] for r in rows])
+    within = {m: spearman(estimate[groups == m], measured[groups == m]) for m in ("bert-base", "inception-v3", "squeezenet")}
+    # reported (fitted on all): 0.979 pooled; 0.880 / 0.717 / 0.842 within
+    assert spearman(estimate, measured) > 0.97
+    assert within["bert-base"] > 0.87 and within["inception-v3"] > 0.70 and within["squeezenet"] > 0.83, within
