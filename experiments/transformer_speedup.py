@@ -259,7 +259,8 @@ def write_results(rows: list[Row], env: dict[str, Any], args: argparse.Namespace
         f"- command: `{env['command']}`",
         f"- versions: xrlflow {env['xrlflow']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}, "
         f"python {env['python']}",
-        f"- measurement: onnxruntime ORT_ENABLE_ALL, {args.threads} intra-op thread(s), adaptive runs until the 95% CI "
+        f"- measurement: onnxruntime ORT_ENABLE_ALL, {env.get('provider', '')} (on CUDA /cudagraph: the run replayed "
+        f"as one CUDA graph), {args.threads} intra-op thread(s), adaptive runs until the 95% CI "
         f"of the median is within {args.target_rel_ci:.0%} (at most {args.max_seconds:g} s per measurement)",
         f"- searches pick rewrites with the {'cost model' if args.search_latency == 'cost' else 'measured latency'}; "
         f"greedy: at most {args.steps} rewrites; RL: greedy policy rollout + {args.rollouts} sampled",
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             rows.append(run_model(name, args, measured, search_service, policy))
         env = environment(args, measured.device)
+        env["provider"] = config.provider
     env["policy"] = policy or "no policy"
     for path in write_results(rows, env, args):
         print(f"wrote {path}")
