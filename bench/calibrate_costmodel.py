@@ -30,7 +30,7 @@ from xrlflow.costmodel import (
     FEATURE_NAMES, CostModel, InGraphMapping, LinearCorrection, OpTable, build_op_table, fit_fallback_scale, fit_in_graph, spearman,
 )
 from xrlflow.ir import Graph
-from xrlflow.measure import MeasureConfig, MeasuredLatency
+from xrlflow.measure import MeasureConfig, MeasuredLatency, parse_pin_cpu
 from xrlflow.onnx_io import load_graph
 from xrlflow.rules.registry import default_engine
 
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         samples += random_sequences(spec, base, args.per_model, rng)
         print(f"{spec}: {len(base.nodes)} nodes, {sum(s.model == spec for s in samples)} distinct graphs", flush=True)
 
-    import os
-
-    pin = None if args.pin_cpu is None else (max(os.sched_getaffinity(0)) if args.pin_cpu == "auto" else int(args.pin_cpu))
+    pin = parse_pin_cpu(args.pin_cpu)
     config = MeasureConfig(device=args.device, max_seconds=args.max_seconds, cache_path=args.cache_path, seed=args.seed,
                            sessions=args.sessions, pin_cpu=pin, cuda_graph=args.cuda_graph == "on")
     if args.measured_json:

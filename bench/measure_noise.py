@@ -33,14 +33,13 @@ from calibrate_costmodel import load_model, random_sequences  # noqa: E402
 
 from xrlflow.costmodel import CostModel  # noqa: E402
 from xrlflow.latency_cache import LatencyCache  # noqa: E402
-from xrlflow.measure import MeasureConfig, MeasuredLatency, input_specs  # noqa: E402
+from xrlflow.measure import MeasureConfig, MeasuredLatency, input_specs, parse_pin_cpu  # noqa: E402
 from xrlflow.onnx_io import graph_to_bytes  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """`name` or `name:key=value,key=value` -> (name, MeasureConfig overrides)."""
     import dataclasses
-    import os
 
     name, _, spec = text.partition(":")
     fields = {f.name: f.type for f in dataclasses.fields(MeasureConfig)}
@@ -49,11 +48,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in fields:
             raise SystemExit(f"measure_noise: unknown MeasureConfig field {key!r} in variant {text!r}")
-        if key == "pin_cpu" and value == "auto":
-            overrides[key] = max(os.sched_getaffinity(0))
+        if key == "pin_cpu":
+            overrides[key] = parse_pin_cpu(value)
         elif key == "cuda_graph":
             overrides[key] = value in ("1", "true", "yes")
-        elif key in ("sessions", "min_runs", "max_runs", "warmup_runs", "pin_cpu"):
+        elif key in ("sessions", "min_runs", "max_runs", "warmup_runs"):
             overrides[key] = int(value)
         elif key in ("max_seconds", "target_rel_ci"):
             overrides[key] = float(value)

@@ -43,6 +43,20 @@ NO_CUDA_MESSAGE = (
 )
 
 
+def parse_pin_cpu(text: str | None) -> int | None:
+    """A --pin-cpu value: a CPU number, or "auto" for the last CPU this process may use."""
+    if text is None:
+        return None
+    if text == "auto":
+        import os
+
+        return max(os.sched_getaffinity(0))
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInputError(f"--pin-cpu takes a CPU number or auto, not {text!r}") from None
+
+
 @dataclass(frozen=True)
 class MeasureConfig:
     device: str = "cpu"  # "cpu" or "cuda"
@@ -263,9 +277,14 @@ def ort_info() -> tuple[str, list[str]]:
     return ort.__version__, list(ort.get_available_providers())
 
 
-def _latency_from_samples(samples: np.ndarray) -> Latency:
+def _latency_from_samples(samples: np.ndarray, session_medians: tuple[float, ...] = ()) -> Latency:
     med, low, high = median_ci(samples)
-    return Latency(med, low, high, len(samples), "measured")
+    if len(session_medians) < 2:
+        return Latency(med, low, high, len(samples), "measured")
+    # Several sessions: the median of their medians, so one session's unlucky draw cannot move it; the
+    # interval (order statistics of the pooled runs) is widened to contain it.
+    ms = float(np.median(session_medians))
+    return Latency(ms, min(low, ms), max(high, ms), len(samples), "measured", session_ms=tuple(session_medians))
 
 
 class MeasuredLatency:
@@ -323,14 +342,7 @@ class MeasuredLatency:
         status, payload = self._request(job)
         if status != "ok":
             return Latency.failed(payload)
-        result = _latency_from_samples(np.asarray(payload.samples_ms[0]))
-        medians = payload.session_medians_ms
-        if len(medians) < 2:
-            return result
-        # Several sessions: the median of their medians, so one session's unlucky draw cannot move it; the
-        # interval (order statistics of the pooled runs) is widened to contain it.
-        ms = float(np.median(medians))
-        return Latency(ms, min(result.low_ms, ms), max(result.high_ms, ms), result.runs, "measured", session_ms=tuple(medians))
+        return _latency_from_samples(np.asarray(payload.samples_ms[0]), payload.session_medians_ms)
 
     def compare(self, graph_a: Graph, graph_b: Graph) -> Comparison:
         """Interleaved, order-balanced A/B timing in one worker; the ratio is B/A with the 95% CI of its median."""
@@ -358,4 +370,4 @@ class MeasuredLatency:
         return status, payload
 
 
-__all__ = ["MeasureConfig", "MeasuredLatency", "Comparison", "MeasureWorker", "input_specs", "device_name", "NO_CUDA_MESSAGE"]
+__all__ = ["MeasureConfig", "parse_pin_cpu", "MeasuredLatency", "Comparison", "MeasureWorker", "input_specs", "device_name", "NO_CUDA_MESSAGE"]

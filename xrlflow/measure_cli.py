@@ -16,7 +16,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=10.0, help="cap on timing time")
     p.add_argument("--sessions", type=int, default=1, metavar="K",
                    help="time K sessions of each model round-robin; the latency is the median of their medians")
-    p.add_argument("--pin-cpu", type=int, default=None, metavar="N", help="run the measurement worker on CPU core N")
+    p.add_argument("--pin-cpu", default=None, metavar="N|auto",
+                   help="run the measurement worker on CPU core N (auto: the last core this process may use)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on CUDA, time plain runs instead of a replayed CUDA graph (host launch time included; noisy)")
     p.add_argument("--timeout", type=float, default=120.0, help="kill the measurement after this many seconds")
@@ -38,7 +39,7 @@ def run_measure(args: argparse.Namespace) -> int:
     import sys
 
     from xrlflow.errors import BadInputError
-    from xrlflow.measure import MeasureConfig
+    from xrlflow.measure import MeasureConfig, parse_pin_cpu
     from xrlflow.onnx_io import load_graph, parse_input_shapes
 
     if args.workers is not None and args.ray_address is None:
@@ -48,7 +49,7 @@ def run_measure(args: argparse.Namespace) -> int:
     config = MeasureConfig(
         device=args.device, opt_level=args.opt_level, intra_op_threads=args.threads,
         max_seconds=args.max_seconds, timeout_s=args.timeout, cache_path="" if args.no_cache else None,
-        cuda_graph=False if args.no_cuda_graph else None, sessions=args.sessions, pin_cpu=args.pin_cpu,
+        cuda_graph=False if args.no_cuda_graph else None, sessions=args.sessions, pin_cpu=parse_pin_cpu(args.pin_cpu),
     )
     shapes = parse_input_shapes(args.input_shape)
     graphs = [load_graph(path, shapes) for path in args.model]

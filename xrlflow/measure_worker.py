@@ -196,10 +196,6 @@ def time_sessions(runners: Sequence[SessionRunner], plan: TimingPlan) -> list[li
             return per_session
 
 
-def time_single(runner: SessionRunner, plan: TimingPlan) -> list[float]:
-    return time_sessions([runner], plan)[0]
-
-
 # One sample of a comparison: the runs of four sessions created in the order A1 B1 B2 A2, timed in this order.
 _CYCLE = ("a1", "b1", "b1", "a1", "b2", "a2", "a2", "b2")
 _A_RUNS, _B_RUNS = [0, 3, 5, 6], [1, 2, 4, 7]
