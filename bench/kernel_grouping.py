@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for entry in list_models():
-            name = entry.name if hasattr(entry, "name") else str(entry)
+            name = entry.name
             graph = prepare_for_search(load_graph(export_model(name, small=not args.full)), engine, CANONICAL_RULES)
             ours = collections.Counter("+".join(k.ops) for k in group_kernels(graph, profile) if not k.alias)
             theirs = onnxruntime_nodes(graph_to_bytes(graph), args.device, folder)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -178,35 +181,22 @@ def test_fallback_scale_prices_unmeasured_kernels_like_measured_ones():
     assert abs(CostModel("h200", empty).latency(graph).ms - measured) / measured < 1e-6
 
 
-def _launched_ort_nodes(model_bytes: bytes, tmp_path) -> int:
-    """Nodes onnxruntime's CPU EP keeps after its graph optimisations (ORT_ENABLE_EXTENDED), memory
-    re-labels (Reshape and friends) not counted."""
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    nodes = onnx.load(str(tmp_path / "optimised.onnx"), load_external_data=False).graph.node
-    return sum(n.op_type not in ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Shape") for n in nodes)
-
-
 @pytest.mark.parametrize("name", ["bert-base", "vit-xrl", "inception-v3", "squeezenet"])
 def test_kernel_grouping_matches_the_graph_onnxruntime_runs(name, tmp_path):
     # The kernels the cost model prices are the nodes onnxruntime keeps after fusing (Gemm, FusedMatMul with
     # the attention scale, Gelu, SkipLayerNormalization, FusedConv); the GPU profile leaves out the CPU-only
     # Conv + Add + Relu fusion, which these models do not use.
-    from xrlflow.onnx_io import graph_to_bytes
-    from xrlflow.zoo import export_model
-
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from kernel_grouping import onnxruntime_nodes  # the count bench/kernel_grouping.py reports per EP
     from xrlflow.engine import prepare_for_search
+    from xrlflow.onnx_io import graph_to_bytes
     from xrlflow.rules import CANONICAL_RULES
+    from xrlflow.zoo import export_model
 
     # searches start from the canonical form (BatchNorm folded into Conv, as onnxruntime does too)
     graph = prepare_for_search(load_graph(export_model(name, small=True)), ENGINE, CANONICAL_RULES)
     launched = [k for k in group_kernels(graph, H200_PROFILE) if not k.alias]
-    assert len(launched) == _launched_ort_nodes(graph_to_bytes(graph), tmp_path)
+    assert len(launched) == sum(onnxruntime_nodes(graph_to_bytes(graph), "cpu", str(tmp_path)).values())
 
 
 def _gelu_graph(divisor: float, half: float = 0.5):
@@ -234,7 +224,7 @@ def test_gelu_and_matmul_scale_are_one_kernel_each_and_near_misses_are_not():
     assert [k.ops for k in group_kernels(load_graph(b.model()), H200_PROFILE) if not k.alias] == [("MatMul",), ("Mul",)]
 
 
-def test_in_graph_mapping_round_trips_and_its_fit_recovers_a_known_mapping(tmp_path):
+def test_in_graph_mapping_round_trips_and_its_fit_reproduces_latencies_made_by_a_known_mapping(tmp_path):
     import dataclasses
     import random
 

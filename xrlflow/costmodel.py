@@ -84,8 +84,9 @@ class InGraphMapping:
     offset_ms: float
     floor_ms: float
 
-    def cost(self, isolated_ms: float) -> float:
-        return max(self.scale * isolated_ms + self.offset_ms, self.floor_ms)
+    def cost(self, isolated_ms):
+        """Of one time (float) or of many at once (numpy array)."""
+        return np.maximum(self.scale * isolated_ms + self.offset_ms, self.floor_ms)
 
     def as_dict(self) -> dict[str, float]:
         return {"scale": self.scale, "offset_ms": self.offset_ms, "floor_ms": self.floor_ms}
@@ -114,7 +115,7 @@ class OpTable:
         isolated = max(entry_ms - self.baseline_ms, 0.0)
         if self.in_graph is None:
             return isolated + launch_ms
-        return self.in_graph.cost(isolated)
+        return float(self.in_graph.cost(isolated))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         data = {
@@ -746,7 +747,7 @@ def fit_in_graph(
                     break
                 scale = new_scale
             mapping = InGraphMapping(scale, float(offset), float(floor))
-            estimate = np.array([np.maximum(scale * e + offset, floor).sum() for e in isolated]) + rest
+            estimate = np.array([mapping.cost(e).sum() for e in isolated]) + rest
             score = float(np.mean([spearman(estimate[m], y[m]) for m in members if m.sum() > 2]))
             residual = y - estimate
             sse = float(((residual - residual.mean()) ** 2).sum())
