@@ -13,6 +13,11 @@ def _layout(rng):
     return shape, axis, sizes
 
 
+def _pieces(b, shape, axis, sizes):
+    """One graph input per size: `shape` with `sizes[i]` on `axis`."""
+    return [b.input(f"x{i}", [size if d == axis else n for d, n in enumerate(shape)]) for i, size in enumerate(sizes)]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_cancel_split_concat(seed):
     b = ModelBuilder(seed)
@@ -29,11 +34,7 @@ def test_cancel_split_concat(seed):
 def test_cancel_concat_split(seed):
     b = ModelBuilder(seed)
     shape, axis, sizes = _layout(b.rng)
-    values = []
-    for i, size in enumerate(sizes):
-        s = list(shape)
-        s[axis] = size
-        values.append(b.op("Relu", [b.input(f"x{i}", s)]))
+    values = [b.op("Relu", [x]) for x in _pieces(b, shape, axis, sizes)]
     joined = b.op("Concat", values, axis=axis)
     pieces = b.op("Split", [joined, b.const(None, dtype=np.int64, value=sizes)], n_out=len(sizes), axis=axis)
     b.output(*[b.op("Tanh", [p]) for p in pieces])
@@ -45,11 +46,7 @@ def test_cancel_concat_split(seed):
 def test_cancel_slice_concat(seed):
     b = ModelBuilder(seed)
     shape, axis, sizes = _layout(b.rng)
-    values = []
-    for i, size in enumerate(sizes):
-        s = list(shape)
-        s[axis] = size
-        values.append(b.input(f"x{i}", s))
+    values = _pieces(b, shape, axis, sizes)
     joined = b.op("Concat", values, axis=axis)
     pick = int(b.rng.integers(0, len(sizes)))
     start = sum(sizes[:pick])

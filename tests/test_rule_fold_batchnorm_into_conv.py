@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.rulecheck import ModelBuilder, assert_no_match, assert_rule_preserves, load_graph, matches_of, ENGINE
+from tests.rulecheck import ModelBuilder, assert_no_match, assert_rule_preserves, load_graph, ENGINE
 
 
 def _conv_bn(seed, with_bias=True, training_mode=None, groups=1, relu=True):

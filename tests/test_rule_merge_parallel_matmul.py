@@ -1,6 +1,6 @@
 import pytest
 
-from tests.rulecheck import ModelBuilder, assert_no_match, assert_rule_preserves, load_graph, matches_of, ENGINE
+from tests.rulecheck import ModelBuilder, assert_no_match, assert_rule_preserves
 
 
 def _parallel(seed, n, rank, bias, k=None):
