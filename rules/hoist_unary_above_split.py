@@ -36,7 +36,7 @@ class HoistUnaryAboveSplit(Rule):
         "Split whose every output is read only by the same unary element-wise op (Relu, Gelu, Sigmoid, Tanh, "
         "LeakyRelu, Erf, ...; equal attributes) -> the op once on the Split's input, then the Split. One kernel "
         "instead of n, and after a merge of parallel Convs/MatMuls the activation sits next to the merged op "
-        "again, so onnxruntime's Conv+Relu / Gemm+activation fusions apply."
+        "again, so onnxruntime's Conv+Relu (CPU EP) / Gemm+activation fusions apply."
     )
     reverse = "sink-unary-below-split"
 

@@ -74,7 +74,7 @@ class SinkUnaryIntoConcat(Rule):
     description = (
         "Unary element-wise op whose input is a Concat read only by it -> the op on every Concat input, then the "
         "Concat. Reverse of hoist-unary-over-concat; pays when the inputs' producers fuse the activation "
-        "(Conv+Relu) or when the Concat then cancels against a Split (cancel-split-concat)."
+        "(Conv+Relu on the CPU EP) or when the Concat then cancels against a Split (cancel-split-concat)."
     )
     reverse = "hoist-unary-over-concat"
 
