@@ -21,7 +21,6 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,82 +28,11 @@ import numpy as np
 from xrlflow.costmodel import (
     FEATURE_NAMES, CostModel, InGraphMapping, LinearCorrection, OpTable, build_op_table, fit_fallback_scale, fit_in_graph, spearman,
 )
-from xrlflow.ir import Graph
 from xrlflow.measure import MeasureConfig, MeasuredLatency, parse_pin_cpu
-from xrlflow.onnx_io import load_graph
 from xrlflow.rules.registry import default_engine
+from xrlflow.testing import Sample, load_model, random_sequences
 
 DEFAULT_MODELS = ("bert-base:small", "inception-v3:small", "squeezenet:small")
-
-
-@dataclass
-class Sample:
-    model: str
-    steps: int
-    rules: str
-    graph: Graph
-    measured_ms: float = float("nan")
-    low_ms: float = float("nan")
-    high_ms: float = float("nan")
-    session_ms: tuple[float, ...] = ()
-
-
-def load_model(spec: str) -> Graph:
-    """`name` or `name:small` from the zoo; falls back to bench-built graphs when the zoo is unavailable."""
-    from xrlflow.engine import prepare_for_search
-    from xrlflow.rules import CANONICAL_RULES
-
-    name, _, size = spec.partition(":")
-    try:
-        from xrlflow import zoo
-
-        graph = load_graph(zoo.export_model(name, small=size == "small"))
-    except ImportError:
-        graph = load_graph(fallback_model(name))
-    # Searches start from the canonical form (BatchNorm folded), so the calibration does too.
-    return prepare_for_search(graph, default_engine(), CANONICAL_RULES)
-
-
-def fallback_model(name: str):
-    """A BERT-like block stack (parallel Q/K/V) or an Inception-like conv block, built with onnx.helper."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.rulecheck import ModelBuilder
-
-    b = ModelBuilder(seed=0)
-    if "bert" in name:
-        x = b.input("x", [1, 64, 128])
-        for _ in range(2):
-            q, k, v = (b.op("Add", [b.op("MatMul", [x, b.const([128, 128], 0.05)]), b.const([128])]) for _ in range(3))
-            scores = b.op("Softmax", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 1])])], axis=-1)
-            x = b.op("LayerNormalization", [b.op("Add", [x, b.op("MatMul", [scores, v])]), b.const([128]), b.const([128])], axis=-1)
-        b.output(x)
-    else:
-        x = b.input("x", [1, 64, 28, 28])
-        branches = [b.op("Relu", [b.op("Conv", [x, b.const([32, 64, 1, 1], 0.1), b.const([32])])]) for _ in range(4)]
-        b.output(b.op("Concat", branches, axis=1))
-    return b.model()
-
-
-def random_sequences(name: str, graph: Graph, count: int, rng: random.Random, max_steps: int = 8) -> list[Sample]:
-    engine = default_engine()
-    seen = {graph.structural_hash()}
-    samples = [Sample(name, 0, "", graph)]
-    attempts = 0
-    while len(samples) < count and attempts < count * 20:
-        attempts += 1
-        g, rules = graph, []
-        for _ in range(rng.randint(1, max_steps)):
-            matches = engine.matches(g)
-            if not matches:
-                break
-            m = rng.choice(matches)
-            g = engine.apply(g, m)
-            rules.append(m.rule)
-        h = g.structural_hash()
-        if rules and h not in seen:
-            seen.add(h)
-            samples.append(Sample(name, len(rules), ",".join(rules), g))
-    return samples
 
 
 def main(argv: list[str] | None = None) -> int:

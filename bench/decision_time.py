@@ -49,13 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     from xrlflow.search import SearchConfig, run_search
     from xrlflow.zoo import export_model
 
-    sys.path.insert(0, str(REPO / "experiments"))
-    from transformer_speedup import find_policy
+    from xrlflow.testing import newest_checkpoint
 
     torch.set_num_threads(1)
     graph = load_graph(export_model(args.model, small=args.small))
     engine = default_engine()
-    policy = find_policy(args.policy)
+    policy = newest_checkpoint(REPO / "checkpoints", args.policy)
     runs: dict[str, list] = {"greedy": []}
     for _ in range(args.repeat):
         service = CostModel("cpu")  # a fresh one per run: no warm per-kernel memo carried over

@@ -19,22 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-ALIASES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Shape")
-
-
-def onnxruntime_nodes(model: bytes, device: str, folder: str) -> collections.Counter:
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(Path(folder) / "optimised.onnx")
-    options.log_severity_level = 3
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    ort.InferenceSession(model, options, providers=providers)
-    nodes = onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node
-    return collections.Counter(n.op_type for n in nodes if n.op_type not in ALIASES)
-
 
 def main(argv: list[str] | None = None) -> int:
     from xrlflow.costmodel import PROFILES, group_kernels
@@ -42,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from xrlflow.onnx_io import graph_to_bytes, load_graph
     from xrlflow.rules import CANONICAL_RULES
     from xrlflow.rules.registry import default_engine
+    from xrlflow.testing import onnxruntime_nodes
     from xrlflow.zoo import export_model, list_models
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

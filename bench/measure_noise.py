@@ -28,13 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate_costmodel import load_model, random_sequences  # noqa: E402
-
-from xrlflow.costmodel import CostModel  # noqa: E402
-from xrlflow.latency_cache import LatencyCache  # noqa: E402
-from xrlflow.measure import MeasureConfig, MeasuredLatency, input_specs, parse_pin_cpu  # noqa: E402
-from xrlflow.onnx_io import graph_to_bytes  # noqa: E402
+from xrlflow.costmodel import CostModel
+from xrlflow.latency_cache import LatencyCache
+from xrlflow.measure import MeasureConfig, MeasuredLatency, input_specs, parse_pin_cpu
+from xrlflow.onnx_io import graph_to_bytes
+from xrlflow.testing import load_model, random_sequences
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

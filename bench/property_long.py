@@ -1,6 +1,6 @@
 """The long run of the rewrite property test: many random rewrite sequences on random small graphs.
 
-    python bench/property_long.py [--sequences 10000] [--max-length 6] [--start-seed 0]
+    python -m bench.property_long [--sequences 10000] [--max-length 6] [--start-seed 0]
 
 Same generator and checks as tests/test_property_rewrites.py (tests/graphgen.py): every offered match applies,
 both exports (fold_constants False/True) pass onnx's full checker and match the original in onnxruntime
@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from tests.graphgen import check_sequence, minimal_failing_prefix, random_model  # noqa: E402
-from xrlflow.rules import RULE_FINGERPRINT, default_engine, rule_names  # noqa: E402
+try:
+    from tests.graphgen import check_sequence, minimal_failing_prefix, random_model
+except ModuleNotFoundError:  # tests/ is a package of the repository, importable only from its root
+    raise SystemExit("bench/property_long.py: run it from the repository root as `python -m bench.property_long`") from None
+from xrlflow.rules import RULE_FINGERPRINT, default_engine, rule_names
 from xrlflow.measure import device_name
 
 
@@ -131,7 +133,7 @@ def main() -> int:
     if args.sequences < 1 or args.max_length < 1:
         parser.error("--sequences and --max-length must be positive")
     config = LongRunConfig(args.sequences, args.max_length, args.start_seed, args.output)
-    command = "python bench/property_long.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.property_long " + " ".join(sys.argv[1:])
     result = run(config)
     print(write_report(config, command.strip(), result))
     return 1 if result[1] else 0

@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -67,7 +65,7 @@ def unique_graphs(model: str, small: bool, count: int):
 
 
 def measure_width(cfg: BenchConfig, graphs, warmup_graphs, workers: int) -> dict[str, float]:
-    from xrlflow.distributed import MeasurementPool, PoolConfig
+    from xrlflow.measure_pool import MeasurementPool, PoolConfig
     from xrlflow.measure import MeasureConfig
 
     with tempfile.TemporaryDirectory() as folder:
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bench = BenchConfig(args.device, tuple(int(w) for w in args.workers.split(",")), args.model, not args.full,
                         args.graphs, args.runs)
-    from xrlflow.distributed import RayConfig, RaySession
+    from xrlflow.ray_session import RayConfig, RaySession
 
     everything = unique_graphs(bench.model, bench.small, bench.graphs + max(bench.workers))
     graphs, warmup_graphs = everything[:bench.graphs], everything[bench.graphs:]

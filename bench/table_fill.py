@@ -26,8 +26,7 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate_costmodel import load_model, random_sequences  # noqa: E402
+from xrlflow.testing import load_model, random_sequences
 
 
 def export(args: argparse.Namespace) -> int:

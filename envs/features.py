@@ -3,7 +3,8 @@
 Node row (`node_feature_size(vocabulary)` wide):
     op-type one-hot over `vocabulary` plus a final "other" bucket,
     log2(1 + d) / 12 of the last `SHAPE_DIMS` dims of the node's first output (right-aligned, 0 when unknown),
-    rank / 8, log1p(FLOPs) / 24, log1p(bytes read + written) / 24,
+    rank / 8, log1p(FLOPs) / 24, log1p(bytes read + written) / 24 (FLOPs and bytes counted as the cost model
+    counts them: `xrlflow.costmodel.kernels.node_flops` and `tensor_bytes`),
     log1p(per-op cost in microseconds) / 12 when the latency service offers per-op costs (else 0),
     constness (1 when the node's outputs are known before run time), rewritten (1 for nodes a rule created).
 Edge row (`EDGE_FEATURES` wide): log1p(numel of the tensor) / 24, dtype one-hot (float32, float16/bfloat16,
@@ -20,6 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
+from xrlflow.costmodel.kernels import node_flops, tensor_bytes
 from xrlflow.ir import Graph, Node
 
 DEFAULT_OP_VOCABULARY: tuple[str, ...] = tuple(
@@ -31,11 +33,6 @@ SHAPE_DIMS = 4
 _SCALAR_NODE_FEATURES = 7  # rank, flops, bytes, cost, constness, rewritten (+ the "other" op bucket)
 EDGE_FEATURES = 6
 
-_DTYPE_BYTES = {
-    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-    onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
-    onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1,
-}
 _DTYPE_BUCKET = {
     onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 1, onnx.TensorProto.BFLOAT16: 1,
     onnx.TensorProto.INT64: 2, onnx.TensorProto.INT32: 2,
@@ -52,27 +49,9 @@ def _numel(graph: Graph, value: str) -> int:
     return n or 0
 
 
-def node_flops(graph: Graph, node: Node) -> float:
-    """Multiply-adds x 2 for MatMul/Gemm/Conv, one op per output element otherwise (0 when shapes are unknown)."""
-    out = _numel(graph, node.outputs[0]) if node.outputs and node.outputs[0] else 0
-    if node.op_type in ("MatMul", "Gemm") and node.inputs:
-        a = graph.static_shape(node.inputs[0])
-        if a:
-            k = a[0] if node.op_type == "Gemm" and node.attr("transA", 0) else a[-1]
-            return 2.0 * out * k
-    if node.op_type == "Conv" and len(node.inputs) > 1:
-        w = graph.static_shape(node.inputs[1])
-        if w and len(w) >= 2:
-            return 2.0 * out * math.prod(w[1:])
-    return float(out)
-
-
 def node_bytes(graph: Graph, node: Node) -> float:
-    total = 0
-    for v in node.inputs + node.outputs:
-        if v:
-            total += _numel(graph, v) * _DTYPE_BYTES.get(graph.dtype(v) or 0, 4)
-    return float(total)
+    """Bytes the node reads and writes (each input and output once; 0 for values of unknown shape)."""
+    return float(sum(tensor_bytes(graph.types.get(v)) for v in node.inputs + node.outputs if v))
 
 
 class GraphFeaturizer:

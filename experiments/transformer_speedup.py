@@ -118,16 +118,6 @@ def ort_transformers_optimize(model: onnx.ModelProto, name: str, small: bool, de
     return optimised, note
 
 
-def find_policy(explicit: str | None) -> str | None:
-    if explicit:
-        return explicit
-    folder = REPO / "checkpoints"
-    if not folder.is_dir():
-        return None
-    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
-    return str(entries[-1]) if entries else None
-
-
 def _paired(service, graph, candidate_model: onnx.ModelProto) -> Cell:
     from xrlflow.onnx_io import load_graph
 
@@ -318,12 +308,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from xrlflow.measure import MeasureConfig, MeasuredLatency
     from xrlflow.optimizer import make_latency_service
+    from xrlflow.testing import newest_checkpoint
 
     config = MeasureConfig(
         device=args.device, max_seconds=args.max_seconds, target_rel_ci=args.target_rel_ci,
         intra_op_threads=args.threads,
     )
-    policy = find_policy(args.policy)
+    policy = newest_checkpoint(REPO / "checkpoints", args.policy)
     rows = []
     with MeasuredLatency(config) as measured:
         search_service = measured if args.search_latency == "measured" else make_latency_service("cost", args.device, {})

@@ -13,8 +13,9 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node
-from xrlflow.rules.common import concat, normalize_axis, plain, sole_reader, split, split_sizes
-from xrlflow.rules.merge_parallel_conv import ConvSpec, conv_spec, with_dim
+from xrlflow.rules.common import (
+    ConvSpec, concat, conv_spec, normalize_axis, rewritable, sole_reader, split, split_sizes, with_dim,
+)
 
 
 def _batchable(g: Graph, node: Node) -> ConvSpec | None:
@@ -99,7 +100,7 @@ class UnbatchSharedWeightConv(Rule):
             if spec is None:
                 continue
             cat = g.producer_of(spec.x)
-            if cat is None or cat.op_type != "Concat" or not plain(cat) or len(cat.inputs) < 2:
+            if cat is None or cat.op_type != "Concat" or not rewritable(cat) or len(cat.inputs) < 2:
                 continue
             if normalize_axis(cat.attr("axis", 0), len(spec.out_shape)) != 0:
                 continue
@@ -107,7 +108,7 @@ class UnbatchSharedWeightConv(Rule):
             if any(s is None for s in part_shapes):
                 continue
             reader = sole_reader(g, conv.outputs[0])
-            if reader is None or reader.op_type != "Split" or not plain(reader) or reader.inputs[0] != conv.outputs[0]:
+            if reader is None or reader.op_type != "Split" or not rewritable(reader) or reader.inputs[0] != conv.outputs[0]:
                 continue
             if normalize_axis(reader.attr("axis", 0), len(spec.out_shape)) != 0:
                 continue

@@ -13,8 +13,9 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import concat, normalize_axis, plain, sole_reader, split, split_sizes
-from xrlflow.rules.reassociate_matmul import computed, matmul_shape, producer_op
+from xrlflow.rules.common import (
+    computed, concat, matmul_shape, normalize_axis, producer_op, rewritable, sole_reader, split, split_sizes,
+)
 
 
 def _rows_only_differ(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -55,7 +56,7 @@ class BatchSharedWeightMatMul(Rule):
         by_weight: dict[str, list[Node]] = {}
         for mm in g.by_op("MatMul"):
             a, w = mm.inputs
-            if not plain(mm) or not g.is_constant(w) or not computed(g, a):
+            if not rewritable(mm) or not g.is_constant(w) or not computed(g, a):
                 continue
             a_shape, w_shape, out_shape = g.static_shape(a), g.static_shape(w), g.static_shape(mm.outputs[0])
             if a_shape is None or w_shape is None or out_shape is None or len(a_shape) < 2 or len(w_shape) < 2:
@@ -106,7 +107,7 @@ class UnbatchSharedWeightMatMul(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mm in g.by_op("MatMul"):
             x, w = mm.inputs
-            if not plain(mm) or not g.is_constant(w) or not computed(g, x):
+            if not rewritable(mm) or not g.is_constant(w) or not computed(g, x):
                 continue
             cat = producer_op(g, x, "Concat")
             x_shape, w_shape = g.static_shape(x), g.static_shape(w)
@@ -121,7 +122,7 @@ class UnbatchSharedWeightMatMul(Rule):
             if any(s is None for s in piece_shapes):
                 continue
             reader = sole_reader(g, mm.outputs[0])
-            if reader is None or reader.op_type != "Split" or not plain(reader) or reader.inputs[0] != mm.outputs[0]:
+            if reader is None or reader.op_type != "Split" or not rewritable(reader) or reader.inputs[0] != mm.outputs[0]:
                 continue
             if normalize_axis(reader.attr("axis", 0), len(out_shape)) != len(out_shape) - 2:
                 continue

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node
-from xrlflow.rules.common import constant_ints, normalize_axis, plain, split_sizes
+from xrlflow.rules.common import constant_ints, normalize_axis, rewritable, split_sizes
 
 
 def _axis(g: Graph, node: Node, value: str, default: int | None) -> int | None:
@@ -36,10 +36,10 @@ class CancelSplitConcat(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for concat in g.by_op("Concat"):
-            if not plain(concat) or not concat.inputs or not all(concat.inputs):
+            if not rewritable(concat) or not concat.inputs or not all(concat.inputs):
                 continue
             split = g.producer_of(concat.inputs[0])
-            if split is None or split.op_type != "Split" or not plain(split) or concat.inputs != split.outputs:
+            if split is None or split.op_type != "Split" or not rewritable(split) or concat.inputs != split.outputs:
                 continue
             x = split.inputs[0]
             axis = _axis(g, split, x, 0)
@@ -68,10 +68,10 @@ class CancelConcatSplit(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for split in g.by_op("Split"):
-            if not plain(split) or not split.outputs or not all(split.outputs):
+            if not rewritable(split) or not split.outputs or not all(split.outputs):
                 continue
             concat = g.producer_of(split.inputs[0])
-            if concat is None or concat.op_type != "Concat" or not plain(concat) or not all(concat.inputs):
+            if concat is None or concat.op_type != "Concat" or not rewritable(concat) or not all(concat.inputs):
                 continue
             if len(concat.inputs) != len(split.outputs):
                 continue
@@ -133,10 +133,10 @@ class CancelSliceConcat(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node in g.by_op("Slice"):
-            if not plain(node) or len(node.inputs) < 3 or len(node.outputs) != 1:
+            if not rewritable(node) or len(node.inputs) < 3 or len(node.outputs) != 1:
                 continue
             concat = g.producer_of(node.inputs[0])
-            if concat is None or concat.op_type != "Concat" or not plain(concat) or not all(concat.inputs):
+            if concat is None or concat.op_type != "Concat" or not rewritable(concat) or not all(concat.inputs):
                 continue
             shape = g.static_shape(node.inputs[0])
             if shape is None or not shape:

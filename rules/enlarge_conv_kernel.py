@@ -15,8 +15,9 @@ import numpy as np
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import INT64, constant_ints, ints_constant, plain
-from xrlflow.rules.merge_parallel_conv import ConvSpec, conv_spec, resized_conv_attributes
+from xrlflow.rules.common import (
+    INT64, ConvSpec, constant_ints, conv_spec, ints_constant, resized_conv_attributes, rewritable,
+)
 
 
 def _plain_dense(g: Graph, node: Node) -> ConvSpec | None:
@@ -83,14 +84,14 @@ class EnlargeConvKernel(Rule):
 def _symmetric_spatial_zero_pad(g: Graph, pad: Node, spatial: int) -> tuple[int, ...] | None:
     """Per spatial axis, the zeros a constant Pad adds on each side of a conv weight; None unless it pads
     only the spatial axes, symmetrically, with zeros."""
-    if pad.op_type != "Pad" or not plain(pad) or pad.attr("mode", "constant") != "constant":
+    if pad.op_type != "Pad" or not rewritable(pad) or pad.attr("mode", "constant") != "constant":
         return None
     if len(pad.inputs) < 2 or len(pad.inputs) > 3 or not g.is_constant(pad.outputs[0]):
         return None  # an `axes` input (opset 18) is left out: rare on weights
     if len(pad.inputs) == 3 and pad.inputs[2]:
         fill_value = pad.inputs[2]
         cast = g.producer_of(fill_value)
-        if cast is not None and cast.op_type == "Cast" and plain(cast):
+        if cast is not None and cast.op_type == "Cast" and rewritable(cast):
             fill_value = cast.inputs[0]  # a cast zero is zero (the form enlarge-conv-kernel writes)
         fill = g.constant_array(fill_value)
         if fill is None or fill.size != 1 or float(np.asarray(fill).reshape(-1)[0]) != 0.0:

@@ -12,38 +12,11 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
-from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import broadcast_shape, plain, sole_reader
-from xrlflow.rules.reassociate_matmul import computed, matmul_shape, producer_op
-
-
-def matmul_pair_shares_input(g: Graph, left: str, right: str) -> tuple[Node, Node] | None:
-    """The MatMuls X@A and X@B producing `left` and `right` (same X, same-shape weights, each read once)."""
-    m1, m2 = producer_op(g, left, "MatMul"), producer_op(g, right, "MatMul")
-    if m1 is None or m2 is None or m1 is m2 or m1.inputs[0] != m2.inputs[0]:
-        return None
-    a, b = m1.inputs[1], m2.inputs[1]
-    shape = g.static_shape(a)
-    if shape is None or shape != g.static_shape(b) or g.dtype(a) != g.dtype(b):
-        return None
-    if sole_reader(g, left) is None or sole_reader(g, right) is None:
-        return None
-    return m1, m2
-
-
-def shared_factors(g: Graph, left: str, right: str) -> list[tuple[Node, Node, str]]:
-    """(Mul producing left, Mul producing right, a factor both read) for every factor they share."""
-    m1, m2 = producer_op(g, left, "Mul"), producer_op(g, right, "Mul")
-    if m1 is None or m2 is None or m1 is m2:
-        return []
-    if sole_reader(g, left) is None or sole_reader(g, right) is None:
-        return []
-    return [(m1, m2, f) for f in dict.fromkeys(m1.inputs) if f in m2.inputs]
-
-
-def other_operand(node: Node, value: str) -> str:
-    """The operand of a binary node that is not `value` (the second if both are)."""
-    return node.inputs[1] if node.inputs[0] == value else node.inputs[0]
+from xrlflow.ir import Graph, TensorType
+from xrlflow.rules.common import (
+    broadcast_shape, computed, matmul_pair_shares_input, matmul_shape, other_operand, producer_op, rewritable,
+    shared_factors, sole_reader,
+)
 
 
 class FactorMatMulAdd(Rule):
@@ -56,7 +29,7 @@ class FactorMatMulAdd(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for add in g.by_op("Add"):
-            if not plain(add) or not computed(g, add.outputs[0]):
+            if not rewritable(add) or not computed(g, add.outputs[0]):
                 continue
             pair = matmul_pair_shares_input(g, *add.inputs)
             if pair is None:
@@ -87,7 +60,7 @@ class ExpandMatMulAdd(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mm in g.by_op("MatMul"):
-            if not plain(mm) or not computed(g, mm.outputs[0]):
+            if not rewritable(mm) or not computed(g, mm.outputs[0]):
                 continue
             x, w = mm.inputs
             add = producer_op(g, w, "Add")
@@ -124,7 +97,7 @@ class FactorMulAdd(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for add in g.by_op("Add"):
             out_shape = g.static_shape(add.outputs[0])
-            if not plain(add) or not computed(g, add.outputs[0]) or out_shape is None:
+            if not rewritable(add) or not computed(g, add.outputs[0]) or out_shape is None:
                 continue
             for m1, m2, factor in shared_factors(g, *add.inputs):
                 b, c = other_operand(m1, factor), other_operand(m2, factor)
@@ -158,7 +131,7 @@ class ExpandMulAdd(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mul in g.by_op("Mul"):
             out_shape = g.static_shape(mul.outputs[0])
-            if not plain(mul) or not computed(g, mul.outputs[0]) or out_shape is None:
+            if not rewritable(mul) or not computed(g, mul.outputs[0]) or out_shape is None:
                 continue
             for position in (0, 1):
                 s = mul.inputs[position]

@@ -14,8 +14,7 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, TensorType
-from xrlflow.rules.common import plain, sole_reader
-from xrlflow.rules.merge_parallel_conv import conv_spec
+from xrlflow.rules.common import conv_spec, rewritable, sole_reader
 
 
 class FoldBatchNormIntoConv(Rule):
@@ -29,7 +28,7 @@ class FoldBatchNormIntoConv(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for bn in g.by_op("BatchNormalization"):
-            if not plain(bn) or bn.attr("training_mode", 0) != 0 or len(bn.outputs) != 1 or len(bn.inputs) != 5:
+            if not rewritable(bn) or bn.attr("training_mode", 0) != 0 or len(bn.outputs) != 1 or len(bn.inputs) != 5:
                 continue
             conv = g.producer_of(bn.inputs[0])
             if conv is None or sole_reader(g, conv.outputs[0]) is not bn:

@@ -16,11 +16,11 @@ import onnx
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import broadcast_shape, plain, sole_reader
-from xrlflow.rules.factor_matmul_add import other_operand
-from xrlflow.rules.reassociate_matmul import computed, matmul_shape, producer_op
+from xrlflow.rules.common import (
+    CHAIN_OPS, broadcast_shape, computed, matmul_shape, other_operand, producer_op, read_once_producer, regroup,
+    rewritable, shape_of, sole_reader,
+)
 
-CHAIN_OPS = ("Add", "Mul")
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
 
 
@@ -34,35 +34,11 @@ def constant_operand(g: Graph, node: Node) -> tuple[str, str] | None:
     return None
 
 
-def shape_of(g: Graph, *values: str) -> tuple[int, ...] | None:
-    """The broadcast shape of `values` (None when a shape is unknown or they do not broadcast)."""
-    shapes = [g.static_shape(v) for v in values]
-    if any(s is None for s in shapes):
-        return None
-    return broadcast_shape(*shapes)  # type: ignore[arg-type]
-
-
-def read_once_producer(g: Graph, value: str, op: str, reader: Node) -> Node | None:
-    """The `op` node that computes `value`, when `reader` is the only node that reads it."""
-    if sole_reader(g, value) is not reader:
-        return None
-    return producer_op(g, value, op)
-
-
-def regroup(g: Graph, origin: str, outer: Node, grouped: tuple[str, str], outside: str, grouped_first: bool) -> Graph:
-    """`outer`'s output recomputed as op(outside, op(*grouped)), or op(op(*grouped), outside) when `grouped_first`."""
-    e = g.edit(origin)
-    inner = e.add1(outer.op_type, list(grouped), TensorType(g.dtype(grouped[0]), shape_of(g, *grouped)))  # type: ignore[arg-type]
-    operands = [inner, outside] if grouped_first else [outside, inner]
-    e.replace_value(outer.outputs[0], e.add1(outer.op_type, operands, g.types[outer.outputs[0]]))
-    return e.commit()
-
-
 def constant_links(g: Graph) -> Iterator[tuple[str, Node, str, str]]:
-    """(op, node, computed operand, constant operand) for every plain Add/Mul with exactly one constant input."""
+    """(op, node, computed operand, constant operand) for every rewritable Add/Mul with exactly one constant input."""
     for op in CHAIN_OPS:
         for outer in g.by_op(op):
-            if not plain(outer):
+            if not rewritable(outer):
                 continue
             split_outer = constant_operand(g, outer)
             if split_outer is not None:
@@ -145,7 +121,7 @@ class FoldScaleIntoMatMul(Rule):
 
     def _scale(self, g: Graph, node: Node, operand: str) -> str | None:
         """The scalar s of Mul(operand, s), Mul(s, operand) or Div(operand, s)."""
-        if not plain(node) or node.op_type not in ("Mul", "Div"):
+        if not rewritable(node) or node.op_type not in ("Mul", "Div"):
             return None
         if node.op_type == "Div" and node.inputs[0] != operand:
             return None
@@ -162,7 +138,7 @@ class FoldScaleIntoMatMul(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mm in g.by_op("MatMul"):
-            if not plain(mm) or not computed(g, mm.outputs[0]):
+            if not rewritable(mm) or not computed(g, mm.outputs[0]):
                 continue
             after = sole_reader(g, mm.outputs[0])
             if after is not None:
@@ -201,11 +177,11 @@ class UnfoldScaleFromMatMul(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mm in g.by_op("MatMul"):
-            if not plain(mm) or not computed(g, mm.outputs[0]):
+            if not rewritable(mm) or not computed(g, mm.outputs[0]):
                 continue
             x, scaled = mm.inputs
             node = g.producer_of(scaled)
-            if node is None or node.op_type not in ("Mul", "Div") or not plain(node) or sole_reader(g, scaled) is not mm:
+            if node is None or node.op_type not in ("Mul", "Div") or not rewritable(node) or sole_reader(g, scaled) is not mm:
                 continue
             for w in dict.fromkeys(node.inputs if node.op_type == "Mul" else node.inputs[:1]):
                 s = other_operand(node, w)

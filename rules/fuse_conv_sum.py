@@ -12,8 +12,7 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node
-from xrlflow.rules.common import plain, sole_reader
-from xrlflow.rules.merge_parallel_conv import ConvSpec, conv_spec
+from xrlflow.rules.common import ConvSpec, conv_spec, rewritable, sole_reader
 
 
 def _summand(g: Graph, add: Node, value: str) -> tuple[Node, ConvSpec] | None:
@@ -32,7 +31,7 @@ def _summand(g: Graph, add: Node, value: str) -> tuple[Node, ConvSpec] | None:
 def _constant_sum(g: Graph, value: str) -> Node | None:
     """The plain Add producing `value` from two constants of `value`'s own shape (no broadcasting)."""
     add = g.producer_of(value)
-    if add is None or add.op_type != "Add" or not plain(add) or len(add.inputs) != 2:
+    if add is None or add.op_type != "Add" or not rewritable(add) or len(add.inputs) != 2:
         return None
     shape = g.static_shape(value)
     if shape is None or not all(g.is_constant(v) and g.static_shape(v) == shape for v in add.inputs):
@@ -50,7 +49,7 @@ class FuseConvSum(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for add in g.by_op("Add"):
-            if not plain(add) or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]:
+            if not rewritable(add) or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1]:
                 continue
             left, right = _summand(g, add, add.inputs[0]), _summand(g, add, add.inputs[1])
             if left is None or right is None:

@@ -17,17 +17,17 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import broadcast_shape, concat, normalize_axis, plain, sole_reader, split, split_sizes
+from xrlflow.rules.common import broadcast_shape, concat, normalize_axis, rewritable, sole_reader, split, split_sizes
 
 BINARY_OPS = ("Add", "Mul")
 
 
 def _operands(g: Graph, node: Node, activation: str | None = None) -> tuple[str, str, int] | None:
-    """(activation, constant, position of the constant) for a plain Add/Mul with one constant operand.
+    """(activation, constant, position of the constant) for a rewritable Add/Mul with one constant operand.
 
     With `activation` given, that value must be one operand (exactly once) and the other must be constant.
     """
-    if node.op_type not in BINARY_OPS or not plain(node) or len(node.inputs) != 2 or len(node.outputs) != 1:
+    if node.op_type not in BINARY_OPS or not rewritable(node) or len(node.inputs) != 2 or len(node.outputs) != 1:
         return None
     a, b = node.inputs
     if not a or not b or a == b:
@@ -54,7 +54,7 @@ def _aligned_axis(constant_shape: tuple[int, ...], rank: int, axis: int) -> int 
 
 
 def _constant_binaries(g: Graph) -> Iterator[tuple[Node, str, str]]:
-    """(node, activation, constant) for every plain Add/Mul of an activation with a constant."""
+    """(node, activation, constant) for every rewritable Add/Mul of an activation with a constant."""
     for op in BINARY_OPS:
         for node in g.by_op(op):
             ops = _operands(g, node)
@@ -102,7 +102,7 @@ class HoistConstBinaryAboveSplit(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node in g.by_op("Split"):
-            if not plain(node) or not node.outputs or not all(node.outputs):
+            if not rewritable(node) or not node.outputs or not all(node.outputs):
                 continue
             x = node.inputs[0]
             x_shape = g.static_shape(x)
@@ -170,7 +170,7 @@ class SinkConstBinaryBelowSplit(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node, x, constant in _constant_binaries(g):
             split_node = sole_reader(g, node.outputs[0])
-            if split_node is None or split_node.op_type != "Split" or not plain(split_node):
+            if split_node is None or split_node.op_type != "Split" or not rewritable(split_node):
                 continue
             if split_node.inputs[0] != node.outputs[0] or not split_node.outputs or not all(split_node.outputs):
                 continue
@@ -216,7 +216,7 @@ class HoistConstBinaryOverConcat(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node in g.by_op("Concat"):
-            if not plain(node) or not node.inputs or not all(node.inputs) or len(node.outputs) != 1:
+            if not rewritable(node) or not node.inputs or not all(node.inputs) or len(node.outputs) != 1:
                 continue
             out_shape = g.static_shape(node.outputs[0])
             if out_shape is None or not out_shape:
@@ -282,7 +282,7 @@ class SinkConstBinaryIntoConcat(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node, joined, constant in _constant_binaries(g):
             concat_node = g.producer_of(joined)
-            if concat_node is None or concat_node.op_type != "Concat" or not plain(concat_node):
+            if concat_node is None or concat_node.op_type != "Concat" or not rewritable(concat_node):
                 continue
             reader = sole_reader(g, joined)
             if reader is None or reader.name != node.name or not all(concat_node.inputs):

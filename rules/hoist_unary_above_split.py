@@ -13,11 +13,7 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import UNARY_ELEMENTWISE, plain, sole_reader
-
-
-def _unary(node: Node | None) -> bool:
-    return node is not None and node.op_type in UNARY_ELEMENTWISE and plain(node) and len(node.outputs) == 1
+from xrlflow.rules.common import UNARY_ELEMENTWISE, rewritable, sole_reader, unary_elementwise
 
 
 def _same_op(a: Node, b: Node) -> bool:
@@ -25,9 +21,9 @@ def _same_op(a: Node, b: Node) -> bool:
 
 
 def _split_ok(g: Graph, split: Node) -> bool:
-    """A plain Split whose input and outputs all have known types."""
+    """A rewritable Split whose input and outputs all have known types."""
     values = (split.inputs[0],) + split.outputs
-    return plain(split) and bool(split.outputs) and all(values) and all(v in g.types for v in values)
+    return rewritable(split) and bool(split.outputs) and all(values) and all(v in g.types for v in values)
 
 
 class HoistUnaryAboveSplit(Rule):
@@ -46,9 +42,9 @@ class HoistUnaryAboveSplit(Rule):
                 continue
             readers = [sole_reader(g, out) for out in split.outputs]
             first = readers[0]
-            if not _unary(first):
+            if not unary_elementwise(first):
                 continue
-            if all(_unary(r) and _same_op(r, first) for r in readers):  # type: ignore[arg-type]
+            if all(unary_elementwise(r) and _same_op(r, first) for r in readers):  # type: ignore[arg-type]
                 yield (split.name,) + tuple(r.name for r in readers), ()  # type: ignore[union-attr]
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
@@ -79,7 +75,7 @@ class SinkUnaryBelowSplit(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for op in sorted(UNARY_ELEMENTWISE):
             for f in g.by_op(op):
-                if not _unary(f) or len(f.inputs) != 1 or f.inputs[0] not in g.types:
+                if not unary_elementwise(f) or len(f.inputs) != 1 or f.inputs[0] not in g.types:
                     continue
                 split = sole_reader(g, f.outputs[0])
                 if split is None or split.op_type != "Split" or not _split_ok(g, split):

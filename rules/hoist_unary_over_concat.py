@@ -12,19 +12,12 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import UNARY_ELEMENTWISE, plain, sole_reader
-
-
-def _unary(node: Node | None) -> bool:
-    return (
-        node is not None and node.op_type in UNARY_ELEMENTWISE and plain(node)
-        and len(node.inputs) == 1 and len(node.outputs) == 1
-    )
+from xrlflow.rules.common import UNARY_ELEMENTWISE, rewritable, sole_reader, unary_elementwise
 
 
 def _concat_ok(g: Graph, concat: Node) -> bool:
     values = concat.inputs + concat.outputs
-    return plain(concat) and bool(concat.inputs) and all(values) and all(v in g.types for v in values)
+    return rewritable(concat) and bool(concat.inputs) and all(values) and all(v in g.types for v in values)
 
 
 class HoistUnaryOverConcat(Rule):
@@ -42,11 +35,11 @@ class HoistUnaryOverConcat(Rule):
                 continue
             producers = [g.producer_of(v) for v in concat.inputs]
             first = producers[0]
-            if not _unary(first):
+            if not unary_elementwise(first):
                 continue
             ok = True
             for v, p in zip(concat.inputs, producers):
-                if not _unary(p) or p.op_type != first.op_type or p.attributes != first.attributes:  # type: ignore[union-attr]
+                if not unary_elementwise(p) or p.op_type != first.op_type or p.attributes != first.attributes:  # type: ignore[union-attr]
                     ok = False
                     break
                 reader = sole_reader(g, v)
@@ -81,7 +74,7 @@ class SinkUnaryIntoConcat(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for op in sorted(UNARY_ELEMENTWISE):
             for f in g.by_op(op):
-                if not _unary(f) or f.outputs[0] not in g.types:
+                if not unary_elementwise(f) or f.outputs[0] not in g.types:
                     continue
                 concat = g.producer_of(f.inputs[0])
                 if concat is None or concat.op_type != "Concat" or not _concat_ok(g, concat):

@@ -1,4 +1,4 @@
-"""merge-parallel-conv / split-merged-conv, and the Conv description the other conv families share.
+"""merge-parallel-conv / split-merged-conv.
 
 Convs that read the same activation X with constant weights of one kernel shape and equal attributes become
 one Conv over the weights concatenated on the output-channel axis, followed by a Split on the channel axis.
@@ -9,82 +9,13 @@ CUDA EP), though on real CNNs it can lose ORT's Conv+Relu fusions: the reverse l
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
-from xrlflow.ir import Graph, Node, TensorType, make_attributes
-from xrlflow.rules.common import concat, merge_order, normalize_axis, plain, sole_reader, split, split_sizes
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """A Conv with explicit pads (auto_pad NOTSET), every attribute spelled out with ONNX defaults filled in."""
-
-    x: str
-    weight: str
-    bias: str | None
-    weight_shape: tuple[int, ...]  # (out channels, in channels / group, *kernel)
-    out_shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    pads: tuple[int, ...]  # begins of every spatial axis, then ends
-    dilations: tuple[int, ...]
-    group: int
-
-    @property
-    def kernel(self) -> tuple[int, ...]:
-        return self.weight_shape[2:]
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight_shape[0]
-
-    @property
-    def geometry(self) -> tuple[Any, ...]:
-        """What two convs must share to be merged or batched: kernel, strides, pads, dilations, group."""
-        return (self.kernel, self.strides, self.pads, self.dilations, self.group)
-
-
-def conv_spec(g: Graph, node: Node) -> ConvSpec | None:
-    """The ConvSpec of a plain Conv with static shapes and explicit padding; None for anything else."""
-    if node.op_type != "Conv" or not plain(node) or len(node.outputs) != 1:
-        return None
-    if node.attr("auto_pad", "NOTSET") != "NOTSET" or len(node.inputs) < 2:
-        return None
-    x, w = node.inputs[0], node.inputs[1]
-    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-    x_shape, w_shape, out_shape = g.static_shape(x), g.static_shape(w), g.static_shape(node.outputs[0])
-    if x_shape is None or w_shape is None or out_shape is None or len(w_shape) < 3 or len(x_shape) != len(w_shape):
-        return None
-    if len({g.dtype(v) for v in (x, w, node.outputs[0]) + ((bias,) if bias else ())}) != 1:
-        return None
-    if bias is not None and g.static_shape(bias) != (w_shape[0],):
-        return None
-    spatial = len(w_shape) - 2
-    kernel_attr = node.attr("kernel_shape")
-    if kernel_attr is not None and tuple(kernel_attr) != tuple(w_shape[2:]):
-        return None
-    strides = tuple(node.attr("strides", (1,) * spatial))
-    pads = tuple(node.attr("pads", (0,) * (2 * spatial)))
-    dilations = tuple(node.attr("dilations", (1,) * spatial))
-    if len(strides) != spatial or len(pads) != 2 * spatial or len(dilations) != spatial:
-        return None
-    return ConvSpec(x, w, bias, tuple(w_shape), tuple(out_shape), strides, pads, dilations, int(node.attr("group", 1)))
-
-
-def resized_conv_attributes(node: Node, kernel: tuple[int, ...], pads: tuple[int, ...]) -> tuple[tuple[str, Any], ...]:
-    """The node's attributes with new pads (and kernel_shape, where the node spells it out)."""
-    attrs = dict(node.attributes)
-    attrs["pads"] = tuple(pads)
-    if "kernel_shape" in attrs:
-        attrs["kernel_shape"] = tuple(kernel)
-    return make_attributes(**attrs)
-
-
-def with_dim(t: TensorType, axis: int, size: int) -> TensorType:
-    shape = list(t.shape)  # type: ignore[arg-type]
-    shape[axis] = size
-    return t.with_shape(shape)
+from xrlflow.ir import Graph, Node
+from xrlflow.rules.common import (
+    ConvSpec, concat, conv_spec, merge_order, normalize_axis, rewritable, sole_reader, split, split_sizes, with_dim,
+)
 
 
 def _mergeable(g: Graph, node: Node) -> ConvSpec | None:
@@ -147,7 +78,7 @@ class SplitMergedConv(Rule):
             if spec is None:
                 continue
             reader = sole_reader(g, conv.outputs[0])
-            if reader is None or reader.op_type != "Split" or not plain(reader) or reader.inputs[0] != conv.outputs[0]:
+            if reader is None or reader.op_type != "Split" or not rewritable(reader) or reader.inputs[0] != conv.outputs[0]:
                 continue
             if normalize_axis(reader.attr("axis", 0), len(spec.out_shape)) != 1:
                 continue

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from xrlflow.rules.common import concat, merge_order, plain, sole_reader, split, split_sizes
+from xrlflow.rules.common import concat, merge_order, rewritable, sole_reader, split, split_sizes
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node
 
 
 def _projection(g: Graph, node: Node, x: str) -> tuple[int, str | None] | None:
     """(output width, bias value or None) for MatMul(x, W) with constant rank-2 W."""
-    if node.op_type != "MatMul" or not plain(node) or node.inputs[0] != x or node.inputs[1] == x:
+    if node.op_type != "MatMul" or not rewritable(node) or node.inputs[0] != x or node.inputs[1] == x:
         return None
     w = node.inputs[1]
     w_shape = g.static_shape(w)
@@ -25,7 +25,7 @@ def _projection(g: Graph, node: Node, x: str) -> tuple[int, str | None] | None:
         return None
     bias = None
     add = sole_reader(g, node.outputs[0])
-    if add is not None and add.op_type == "Add" and plain(add):
+    if add is not None and add.op_type == "Add" and rewritable(add):
         other = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
         if g.is_constant(other) and g.static_shape(other) == (w_shape[1],) and g.dtype(other) == g.dtype(x):
             bias = add.name
@@ -96,7 +96,7 @@ class SplitMergedMatMul(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mm in g.by_op("MatMul"):
-            if not plain(mm):
+            if not rewritable(mm):
                 continue
             x, w = mm.inputs
             w_shape, x_shape = g.static_shape(w), g.static_shape(x)
@@ -105,13 +105,13 @@ class SplitMergedMatMul(Rule):
             chain = [mm.name]
             out = mm.outputs[0]
             reader = sole_reader(g, out)
-            if reader is not None and reader.op_type == "Add" and plain(reader):
+            if reader is not None and reader.op_type == "Add" and rewritable(reader):
                 other = reader.inputs[1] if reader.inputs[0] == out else reader.inputs[0]
                 if g.is_constant(other) and g.static_shape(other) == (w_shape[1],):
                     chain.append(reader.name)
                     out = reader.outputs[0]
                     reader = sole_reader(g, out)
-            if reader is None or reader.op_type != "Split" or not plain(reader) or reader.inputs[0] != out:
+            if reader is None or reader.op_type != "Split" or not rewritable(reader) or reader.inputs[0] != out:
                 continue
             rank = len(x_shape)
             if reader.attr("axis", 0) not in (-1, rank - 1):

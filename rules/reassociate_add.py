@@ -18,12 +18,10 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node
-from xrlflow.rules.common import broadcast_shape, plain, sole_reader
-from xrlflow.rules.factor_matmul_add import matmul_pair_shares_input, other_operand, shared_factors
-from xrlflow.rules.fold_const_chain import read_once_producer, regroup, shape_of
-from xrlflow.rules.reassociate_matmul import computed, producer_op
-
-CHAIN_OPS = ("Add", "Mul")
+from xrlflow.rules.common import (
+    CHAIN_OPS, broadcast_shape, computed, matmul_pair_shares_input, other_operand, producer_op, read_once_producer,
+    regroup, rewritable, shape_of, shared_factors, sole_reader,
+)
 
 
 def exposes_rule(g: Graph, outer: Node, grouped: tuple[str, str], outside: str) -> bool:
@@ -31,7 +29,7 @@ def exposes_rule(g: Graph, outer: Node, grouped: tuple[str, str], outside: str) 
     if outer.op_type == "Add":
         return matmul_pair_shares_input(g, *grouped) is not None or bool(shared_factors(g, *grouped))
     reader = sole_reader(g, outer.outputs[0])
-    if reader is None or reader.op_type != "Add" or not plain(reader):
+    if reader is None or reader.op_type != "Add" or not rewritable(reader):
         return False
     sibling_value = other_operand(reader, outer.outputs[0])
     sibling = producer_op(g, sibling_value, "Mul")
@@ -59,7 +57,7 @@ class ReassociateAdd(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for op in CHAIN_OPS:
             for outer in g.by_op(op):
-                if not plain(outer) or not computed(g, outer.outputs[0]):
+                if not rewritable(outer) or not computed(g, outer.outputs[0]):
                     continue
                 inner_out, c = outer.inputs
                 inner = read_once_producer(g, inner_out, op, outer)
@@ -89,7 +87,7 @@ class ReassociateAddLeft(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for op in CHAIN_OPS:
             for outer in g.by_op(op):
-                if not plain(outer) or not computed(g, outer.outputs[0]):
+                if not rewritable(outer) or not computed(g, outer.outputs[0]):
                     continue
                 a, inner_out = outer.inputs
                 inner = read_once_producer(g, inner_out, op, outer)

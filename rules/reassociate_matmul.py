@@ -4,50 +4,15 @@
 session creation, so one MatMul over the activation disappears (a low-rank or stacked projection pair becomes
 one projection). onnxruntime never re-associates MatMul chains itself. The reverse splits a chain again (it
 pays when A@B is much larger than A and B: a low-rank factorisation).
-
-`matmul_shape` lives here because every MatMul family needs numpy's MatMul shape rule.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from xrlflow.engine import Rule
-from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import broadcast_shape, plain, sole_reader
-
-
-def matmul_shape(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...] | None:
-    """numpy's MatMul output shape (batch dims broadcast, rank-1 operands promoted then dropped); None if invalid."""
-    if not a or not b:
-        return None
-    a_vec, b_vec = len(a) == 1, len(b) == 1
-    a2 = (1, *a) if a_vec else tuple(a)
-    b2 = (*b, 1) if b_vec else tuple(b)
-    if a2[-1] != b2[-2]:
-        return None
-    batch = broadcast_shape(a2[:-2], b2[:-2])
-    if batch is None:
-        return None
-    out = batch + (a2[-2], b2[-1])
-    if b_vec:
-        out = out[:-1]
-    if a_vec:
-        out = out[:-2] + out[-1:] if not b_vec else out[:-1]
-    return tuple(int(d) for d in out)
-
-
-def computed(g: Graph, value: str) -> bool:
-    """A value known only at run time (rewriting constant subgraphs is pointless: they are folded anyway)."""
-    return not g.is_constant(value)
-
-
-def producer_op(g: Graph, value: str, op_type: str) -> Node | None:
-    """The plain producer of `value` when it is an `op_type` node."""
-    node = g.producer_of(value)
-    if node is None or node.op_type != op_type or not plain(node):
-        return None
-    return node
+from xrlflow.ir import Graph, TensorType
+from xrlflow.rules.common import computed, matmul_shape, producer_op, rewritable, sole_reader
 
 
 def _rank2(g: Graph, value: str) -> bool:
@@ -66,7 +31,7 @@ class ReassociateMatMul(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for outer in g.by_op("MatMul"):
-            if not plain(outer) or not computed(g, outer.outputs[0]):
+            if not rewritable(outer) or not computed(g, outer.outputs[0]):
                 continue
             inner = producer_op(g, outer.inputs[0], "MatMul")
             if inner is None or sole_reader(g, inner.outputs[0]) is not outer:
@@ -103,7 +68,7 @@ class SplitMatMulChain(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for outer in g.by_op("MatMul"):
-            if not plain(outer) or not computed(g, outer.outputs[0]):
+            if not rewritable(outer) or not computed(g, outer.outputs[0]):
                 continue
             x, w = outer.inputs
             inner = producer_op(g, w, "MatMul")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from xrlflow.rules.merge_parallel_matmul import MergeParallelMatMul, SplitMergedMatMul
 from xrlflow.rules.merge_parallel_conv import MergeParallelConv, SplitMergedConv
@@ -70,6 +70,22 @@ RULES: tuple[Rule, ...] = (
     ReassociateAdd(),
     ReassociateAddLeft(),
 )
+
+
+def check_reverses(rules: Sequence[Rule]) -> None:
+    """Every rule's `reverse` names a rule of `rules` whose own `reverse` names it back (or is None)."""
+    by_name = {rule.name: rule for rule in rules}
+    for rule in rules:
+        if rule.reverse is None:
+            continue
+        back = by_name.get(rule.reverse)
+        if back is None:
+            raise ValueError(f"rule {rule.name!r}: its reverse {rule.reverse!r} is not registered")
+        if back.reverse != rule.name:
+            raise ValueError(f"rule {rule.name!r}: its reverse {back.name!r} names {back.reverse!r} as its reverse")
+
+
+check_reverses(RULES)
 
 
 # Normalisations onnxruntime performs itself, applied exhaustively before a search starts (see

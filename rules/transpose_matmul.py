@@ -13,8 +13,7 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import plain, sole_reader
-from xrlflow.rules.reassociate_matmul import computed, matmul_shape, producer_op
+from xrlflow.rules.common import computed, matmul_shape, producer_op, rewritable, sole_reader
 
 TRANSPOSABLE_UNARY = frozenset({"Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "LeakyRelu"})
 
@@ -53,7 +52,7 @@ class TransposeMatMul(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for tr in g.by_op("Transpose"):
-            if not plain(tr) or not computed(g, tr.outputs[0]) or not swaps_last_two(g, tr):
+            if not rewritable(tr) or not computed(g, tr.outputs[0]) or not swaps_last_two(g, tr):
                 continue
             mm = producer_op(g, tr.inputs[0], "MatMul")
             if mm is None or sole_reader(g, mm.outputs[0]) is not tr:
@@ -86,7 +85,7 @@ class UntransposeMatMul(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mm in g.by_op("MatMul"):
-            if not plain(mm) or not computed(g, mm.outputs[0]):
+            if not rewritable(mm) or not computed(g, mm.outputs[0]):
                 continue
             t1, t2 = (producer_op(g, v, "Transpose") for v in mm.inputs)
             if t1 is None or t2 is None or not swaps_last_two(g, t1) or not swaps_last_two(g, t2):
@@ -122,10 +121,10 @@ class MoveTransposeBeforeUnary(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for tr in g.by_op("Transpose"):
-            if not plain(tr) or not computed(g, tr.outputs[0]):
+            if not rewritable(tr) or not computed(g, tr.outputs[0]):
                 continue
             f = g.producer_of(tr.inputs[0])
-            if f is None or f.op_type not in TRANSPOSABLE_UNARY or not plain(f) or len(f.inputs) != 1:
+            if f is None or f.op_type not in TRANSPOSABLE_UNARY or not rewritable(f) or len(f.inputs) != 1:
                 continue
             shape = g.static_shape(f.inputs[0])
             if sole_reader(g, tr.inputs[0]) is not tr or shape is None:
@@ -157,7 +156,7 @@ class MoveTransposeAfterUnary(Rule):
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for op in sorted(TRANSPOSABLE_UNARY):
             for f in g.by_op(op):
-                if not plain(f) or len(f.inputs) != 1 or not computed(g, f.outputs[0]):
+                if not rewritable(f) or len(f.inputs) != 1 or not computed(g, f.outputs[0]):
                     continue
                 tr = producer_op(g, f.inputs[0], "Transpose")
                 if tr is None or sole_reader(g, f.inputs[0]) is not f:

@@ -74,9 +74,8 @@ def test_the_bundled_h200_table_ranks_the_recorded_h200_measurements_as_reported
 
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from calibrate_costmodel import load_model, random_sequences
     from xrlflow.costmodel import spearman
+    from xrlflow.testing import load_model, random_sequences
 
     rows = json.loads((ROOT / "bench/results/calibration_cuda.json").read_text())
     rng = random.Random(0)

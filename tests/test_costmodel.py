@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -186,11 +183,10 @@ def test_kernel_grouping_matches_the_graph_onnxruntime_runs(name, tmp_path):
     # The kernels the cost model prices are the nodes onnxruntime keeps after fusing (Gemm, FusedMatMul with
     # the attention scale, Gelu, SkipLayerNormalization, FusedConv); the GPU profile leaves out the CPU-only
     # Conv + Add + Relu fusion, which these models do not use.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from kernel_grouping import onnxruntime_nodes  # the count bench/kernel_grouping.py reports per EP
     from xrlflow.engine import prepare_for_search
     from xrlflow.onnx_io import graph_to_bytes
     from xrlflow.rules import CANONICAL_RULES
+    from xrlflow.testing import onnxruntime_nodes  # the count bench/kernel_grouping.py reports per EP
     from xrlflow.zoo import export_model
 
     # searches start from the canonical form (BatchNorm folded into Conv, as onnxruntime does too)

@@ -106,7 +106,7 @@ class ClusterHolder:
     def __init__(self) -> None:
         from ray.cluster_utils import Cluster
 
-        from xrlflow.distributed import RaySession
+        from xrlflow.ray_session import RaySession
 
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 3, "num_gpus": 0, "object_store_memory": 100 * MB})
@@ -133,7 +133,7 @@ def cluster():
 
 
 def _quick_pool_config(tmp_path: Path, **overrides) -> "PoolConfig":  # noqa: F821
-    from xrlflow.distributed import PoolConfig
+    from xrlflow.measure_pool import PoolConfig
 
     measure = MeasureConfig(cache_path=str(tmp_path / "latency.sqlite"), **QUICK_PLAN)
     return PoolConfig(measure=measure, **overrides)
@@ -149,7 +149,7 @@ def _cache_rows(path: Path) -> list[tuple]:
 def ray_pool_gives_each_worker_its_own_gpu_and_dedups(cluster, tmp_path):
     import ray
 
-    from xrlflow.distributed import MeasurementPool
+    from xrlflow.measure_pool import MeasurementPool
     from xrlflow.measure import MeasuredLatency
 
     with pytest.raises(BadInputError, match="3 GPU"):
@@ -194,7 +194,7 @@ def ray_pool_gives_each_worker_its_own_gpu_and_dedups(cluster, tmp_path):
 def ray_killed_measurement_actor_is_replaced_and_graph_resubmitted(cluster, tmp_path):
     import ray
 
-    from xrlflow.distributed import MeasurementPool
+    from xrlflow.measure_pool import MeasurementPool
 
     # Each measurement runs its full 1.5 s, so the kill lands while graphs are in flight.
     config = _quick_pool_config(tmp_path, workers=2, gpu_per_worker=True)
@@ -224,7 +224,7 @@ def ray_killed_measurement_actor_is_replaced_and_graph_resubmitted(cluster, tmp_
 
 
 def ray_graph_that_keeps_failing_workers_is_recorded_as_failed(cluster, tmp_path):
-    from xrlflow.distributed import MeasurementPool
+    from xrlflow.measure_pool import MeasurementPool
 
     # 50 ms is less than the worker process needs to import onnxruntime: every attempt hangs and is killed.
     config = _quick_pool_config(tmp_path, workers=1, max_attempts=2)
@@ -272,7 +272,7 @@ def ray_vecenv_training_matches_dummy_vecenv(cluster):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from xrlflow.costmodel import CostModel
-    from xrlflow.distributed import make_ray_vec_env
+    from xrlflow.agents.ray_vec_env import make_ray_vec_env
     from xrlflow.envs import EnvConfig, GraphRewriteEnv
 
     graphs = {"pair": inception_pair(), "proj": projections(3)}
@@ -296,7 +296,7 @@ def ray_vecenv_training_matches_dummy_vecenv(cluster):
 
 
 def ray_train_cli_with_measured_rewards_on_the_pool(cluster, tmp_path):
-    from xrlflow.distributed import MeasurementPool
+    from xrlflow.measure_pool import MeasurementPool
     from xrlflow.train import TrainConfig, train
 
     pool_config = _quick_pool_config(tmp_path, workers=2)
@@ -394,7 +394,7 @@ def test_unreachable_address_is_bad_input_within_30_seconds(tmp_path):
 
 
 def test_bad_addresses_and_flags_are_one_line_errors():
-    from xrlflow.distributed import RayConfig, resolve_address
+    from xrlflow.ray_session import RayConfig, resolve_address
     from xrlflow.train import TrainConfig
 
     pytest.importorskip("ray")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from xrlflow import zoo
+from xrlflow.zoo import export as zoo_export
 from xrlflow.errors import BadInputError
 
 MODEL_NAMES = [entry.name for entry in zoo.list_models()]
@@ -97,7 +98,7 @@ def test_cache_hit_returns_the_same_bytes_without_rebuilding(tmp_path, monkeypat
     def fail_build(config):
         raise AssertionError(f"rebuilt {config} despite a cache hit")
 
-    monkeypatch.setattr(zoo, "_build", fail_build)
+    monkeypatch.setattr(zoo_export, "build_from_config", fail_build)
     second = zoo.export_model("squeezenet", small=True, cache_dir=tmp_path)
     assert second.SerializeToString() == first.SerializeToString() == cached[0].read_bytes()
     with pytest.raises(AssertionError, match="rebuilt"):
@@ -157,7 +158,7 @@ def test_parameter_counts_match_the_reference_architectures():
 
 
 def test_large_models_are_written_with_external_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(zoo, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+    monkeypatch.setattr(zoo_export, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
     output = tmp_path / "out" / "model.onnx"
     output.parent.mkdir()
     zoo.export_model_to_file("bert-xrl", output, small=True, cache_dir=tmp_path / "cache")
