@@ -117,7 +117,7 @@ def test_resolve_policy(tmp_path, monkeypatch):
     own = tmp_path / "checkpoints" / "xrlflow-h200"
     own.mkdir(parents=True)
     assert shipped.resolve_policy("checkpoints/xrlflow-h200") == Path("checkpoints/xrlflow-h200")  # a real path wins
-    with pytest.raises(BadInputError, match=r"^xrlflow-h100: no such policy .*; did you mean 'xrlflow-h200'\?; shipped: xrlflow-h200$"):
+    with pytest.raises(BadInputError, match=r"^xrlflow-h100: no such policy .* \(did you mean 'xrlflow-h200'\?\); shipped: xrlflow-h200$"):
         shipped.resolve_policy("xrlflow-h100")
     with pytest.raises(BadInputError) as caught:
         shipped.resolve_policy("runs/mine")

@@ -8,11 +8,11 @@ an installed wheel outside the checkout.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path, PurePath
 
 from xrlflow.errors import BadInputError
+from xrlflow.names import did_you_mean
 
 DEFAULT_POLICY = "xrlflow-h200"
 # Every shipped run, each listed file by file in pyproject.toml's package-data (tests/test_packaging.py checks).
@@ -35,7 +35,7 @@ def shipped_checkpoints_dir() -> Path:
 def shipped_policy(name: str = DEFAULT_POLICY) -> Path:
     """The folder of a shipped run by name; BadInputError (with the nearest name) for an unknown one."""
     if name not in SHIPPED_POLICIES:
-        raise BadInputError(f"no shipped policy {name!r}{nearest_hint(name, SHIPPED_POLICIES)}; shipped: {', '.join(SHIPPED_POLICIES)}")
+        raise BadInputError(f"no shipped policy {name!r}{did_you_mean(name, SHIPPED_POLICIES)}; shipped: {', '.join(SHIPPED_POLICIES)}")
     folder = shipped_checkpoints_dir() / name
     missing = [f for f in (POLICY_FILE, "run.json") if not (folder / f).is_file()]
     if missing:
@@ -56,7 +56,7 @@ def resolve_policy(spec: str | os.PathLike[str] | None = None) -> Path:
         return folder / file if file else folder
     choices = SHIPPED_POLICIES + tuple(f"{_CHECKOUT_FOLDER}/{n}" for n in SHIPPED_POLICIES)
     raise BadInputError(
-        f"{spec}: no such policy (a checkpoint folder or its {POLICY_FILE}, or a shipped name){nearest_hint(str(spec), choices)}; "
+        f"{spec}: no such policy (a checkpoint folder or its {POLICY_FILE}, or a shipped name){did_you_mean(str(spec), choices)}; "
         f"shipped: {', '.join(SHIPPED_POLICIES)}"
     )
 
@@ -71,8 +71,3 @@ def _shipped_name(spec: PurePath) -> tuple[str, str]:
         parts.pop(0)
     return (parts[0], file) if len(parts) == 1 else ("", "")
 
-
-def nearest_hint(name: str, choices) -> str:
-    """`; did you mean 'x'?` for the closest choice (difflib, cutoff 0.6), or "" when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from xrlflow.errors import BadInputError
+from xrlflow.names import did_you_mean
 
 # Bump whenever a model definition, the seeding or the export settings change: it invalidates every cache entry.
 BUILDER_VERSION = 1
@@ -906,7 +907,7 @@ def get_entry(name: str) -> ZooEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise BadInputError(f"unknown zoo model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+        raise BadInputError(f"unknown zoo model {name!r}{did_you_mean(name, _REGISTRY)}; known models: {', '.join(_REGISTRY)}") from None
 
 
 def resolve_config(name: str, small: bool = False, batch: int | None = None, seq: int | None = None) -> ModelConfig:
