@@ -208,3 +208,39 @@ def test_upgrade_opset_returns_a_full_model_and_leaves_the_input_alone():
     got = ort.InferenceSession(upgraded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     want = ort.InferenceSession(snapshot, providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_local_functions_and_subgraphs_are_upgraded_with_the_graph(tmp_path):
+    # The converter drops model-local functions and the model's and each function's opset must agree, so a
+    # function body written for opset 11 (Unsqueeze's axes attribute) is converted as well.
+    function = helper.make_function(
+        "local", "AddThenUnsqueeze", ["a", "b"], ["c"],
+        [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Unsqueeze", ["s"], ["c"], axes=[0])],
+        [helper.make_opsetid("", 11)],
+    )
+    branch = lambda name: helper.make_graph(  # noqa: E731 - two tiny identical branches
+        [helper.make_node("Unsqueeze", ["x"], [name], axes=[0])], name, [],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 3])])
+    nodes = [
+        helper.make_node("AddThenUnsqueeze", ["x", "x"], ["f"], domain="local"),
+        helper.make_node("If", ["cond"], ["i"], then_branch=branch("t"), else_branch=branch("e")),
+        helper.make_node("Add", ["f", "i"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "functions",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11), helper.make_opsetid("local", 1)],
+                              functions=[function])
+    onnx.checker.check_model(model, full_check=True)
+    upgraded = to_model(load_graph(model))
+    onnx.checker.check_model(upgraded, full_check=True)
+    assert [dict((o.domain, o.version) for o in f.opset_import) for f in upgraded.functions] == [{"": 13}]
+    feeds = {"cond": np.array(True), "x": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(upgraded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_array_equal(got[0], want[0])
+    source = exporters.save(model, tmp_path / "functions.onnx")
+    result = _cli_optimize(source, tmp_path / "out.onnx")
+    assert result.returncode == 0 and "verification                     passed" in result.stdout, result.stderr

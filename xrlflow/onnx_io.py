@@ -321,6 +321,9 @@ def _convert_skeleton(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelPr
         raise BadInputError(
             f"opset {opset} could not be upgraded to {target} by onnx.version_converter: {_converter_reason(exc)}"
         ) from None
+    # The converter drops model-local functions; their bodies are converted one by one (same target opset).
+    del converted.functions[:]
+    converted.functions.extend(_convert_function(f, target, opset) for f in model.functions)
     kept = {t.name for t in converted.graph.initializer}
     if not set(originals) <= kept:
         missing = sorted(set(originals) - kept)[0]
@@ -328,6 +331,35 @@ def _convert_skeleton(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelPr
     # ONNX ties each opset to a minimum IR version (opset 13 needs IR 7); the converter leaves ir_version alone.
     converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", target)]))
     return converted, originals
+
+
+def _convert_function(function: onnx.FunctionProto, target: int, model_opset: int | None) -> onnx.FunctionProto:
+    """A model-local function with its body converted to default-domain opset `target` (the model's imports
+    and each function's must agree, so the bodies move with the graph)."""
+    import onnx.version_converter
+
+    own = next((o.version for o in function.opset_import if o.domain in ("", "ai.onnx")), None)
+    if own is None or own >= target:
+        return function
+    body = onnx.helper.make_graph(
+        list(function.node), function.name, [onnx.helper.make_empty_tensor_value_info(v) for v in function.input],
+        [onnx.helper.make_empty_tensor_value_info(v) for v in function.output],
+    )
+    try:
+        converted = onnx.version_converter.convert_version(
+            onnx.helper.make_model(body, opset_imports=list(function.opset_import)), target)
+    except Exception as exc:
+        raise BadInputError(
+            f"opset {model_opset} could not be upgraded to {target} by onnx.version_converter: "
+            f"function {function.domain}.{function.name}: {_converter_reason(exc)}"
+        ) from None
+    out = onnx.FunctionProto()
+    out.CopyFrom(function)
+    del out.node[:]
+    out.node.extend(converted.graph.node)
+    del out.opset_import[:]
+    out.opset_import.extend(converted.opset_import)
+    return out
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:
