@@ -26,6 +26,7 @@ from xrlflow.rules.fold_const_chain import FoldConstChain, FoldScaleIntoMatMul, 
 from xrlflow.rules.reassociate_add import ReassociateAdd, ReassociateAddLeft
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
+from xrlflow.names import did_you_mean
 
 # name                          class (each file in rules/ is named after its forward rule)
 RULES: tuple[Rule, ...] = (
@@ -104,7 +105,8 @@ def select_rules(enable: Iterable[str] | None = None, disable: Iterable[str] | N
     dropped = list(disable) if disable else []
     unknown = sorted((set(chosen) | set(dropped)) - known)
     if unknown:
-        raise BadInputError(f"unknown rule(s) {', '.join(unknown)}; `xrlflow rules` lists them")
+        named = ", ".join(name + did_you_mean(name, known) for name in unknown)
+        raise BadInputError(f"unknown rule(s) {named}; `xrlflow rules` lists them")
     return tuple(r for r in RULES if (not chosen or r.name in chosen) and r.name not in dropped)
 
 

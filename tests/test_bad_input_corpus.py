@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests import exporters
 from tests.rulecheck import ModelBuilder
 
 
@@ -80,10 +81,9 @@ def external_data_too_short(folder):
     return _external(folder, "weights.bin", data_bytes=100)
 
 
-def opset_7(folder):
-    model = _good_model()
-    model.opset_import[0].version = 7
-    return _save(model, folder)
+def opset_8_the_converter_cannot_upgrade(folder):
+    # Older opsets are upgraded to 13 (tests/test_opset_upgrade.py); this valid Scan-8 is one the converter refuses.
+    return _save(exporters.scan_8_with_sequence_lens(), folder)
 
 
 def cyclic_graph(folder):
@@ -176,7 +176,7 @@ def duplicate_initializers(folder):
 
 CORPUS = [
     not_onnx, empty_file, truncated, wrong_external_path, external_path_escapes, external_absolute_path,
-    external_data_too_short, opset_7, cyclic_graph, duplicate_value_names, dangling_input, zero_size_tensor,
+    external_data_too_short, opset_8_the_converter_cannot_upgrade, cyclic_graph, duplicate_value_names, dangling_input, zero_size_tensor,
     huge_declared_dims, huge_initializer_dims, non_utf8_names, a_directory, output_produced_by_nothing,
     initializer_size_mismatch, typed_data_count_mismatch, no_graph, duplicate_initializers,
 ]

@@ -159,6 +159,7 @@ class ModelContext:
     functions: tuple[onnx.FunctionProto, ...]
     input_protos: tuple[onnx.ValueInfoProto, ...]  # the model's own declarations, symbolic dims included
     output_protos: tuple[onnx.ValueInfoProto, ...]
+    upgraded_from_opset: int = 0  # the default-domain opset the file had before onnx_io upgraded it (0: not upgraded)
 
     @property
     def opset(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -203,13 +204,13 @@ def _bind_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, .
 
 
 def _copy_without_weights(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
-    """Copy a model, replacing large initializer payloads by external-data stubs (shape inference reads dims only)."""
-    graph = model.graph
-    saved = list(graph.initializer)
-    del graph.initializer[:]
-    out.CopyFrom(model)
-    graph.initializer.extend(saved)
-    for t in saved:
+    """Copy a model, replacing large initializer payloads by external-data stubs (shape inference reads dims only).
+
+    The caller's proto is only read: its initializers stay the same objects (no copy of the weights)."""
+    out.Clear()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    for t in model.graph.initializer:
         stub = out.graph.initializer.add()
         if t.data_location == onnx.TensorProto.EXTERNAL or (_tensor_nbytes(t) or 0) > _LARGE_TENSOR_BYTES:
             stub.name, stub.data_type = t.name, t.data_type
@@ -291,17 +292,117 @@ def fits_in_protobuf(model: onnx.ModelProto) -> bool:
     return payload_bytes(model) < PROTOBUF_SAFE_BYTES and not has_external_data(model)
 
 
+def default_opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _converter_reason(exc: BaseException) -> str:
+    """The converter's message without its C++ source location: `.../scan_8_9.h:26: adapt_scan_8_9: ...`."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return re.sub(r"^\S+\.(h|cc|cpp):\d+:\s*", "", line)[:200]
+
+
+def _convert_skeleton(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """Run onnx.version_converter on the model with its large weights replaced by payload-free stubs.
+
+    The converter serialises the whole model (which fails past 2 GB) and never reads a weight it did not
+    create when going up, so it gets the stubs; the returned dict maps each stubbed initializer to the
+    caller's tensor, which stays where it is (no copy of the weights is made)."""
+    import onnx.version_converter
+
+    originals = {t.name: t for t in model.graph.initializer
+                 if t.data_location == onnx.TensorProto.EXTERNAL or (_tensor_nbytes(t) or 0) > _LARGE_TENSOR_BYTES}
+    skeleton = onnx.ModelProto()
+    _copy_without_weights(model, skeleton)
+    opset = default_opset(model)
+    try:
+        converted = onnx.version_converter.convert_version(skeleton, target)
+    except Exception as exc:  # the converter raises RuntimeError/IndexError/... with a C++ assertion text
+        raise BadInputError(
+            f"opset {opset} could not be upgraded to {target} by onnx.version_converter: {_converter_reason(exc)}"
+        ) from None
+    # The converter drops model-local functions; their bodies are converted one by one (same target opset).
+    del converted.functions[:]
+    converted.functions.extend(_convert_function(f, target, opset) for f in model.functions)
+    kept = {t.name for t in converted.graph.initializer}
+    if not set(originals) <= kept:
+        missing = sorted(set(originals) - kept)[0]
+        raise BadInputError(f"opset {opset} could not be upgraded to {target}: the converter dropped weight {missing!r}")
+    # ONNX ties each opset to a minimum IR version (opset 13 needs IR 7); the converter leaves ir_version alone.
+    converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", target)]))
+    return converted, originals
+
+
+def _convert_function(function: onnx.FunctionProto, target: int, model_opset: int | None) -> onnx.FunctionProto:
+    """A model-local function with its body converted to default-domain opset `target` (the model's imports
+    and each function's must agree, so the bodies move with the graph)."""
+    import onnx.version_converter
+
+    own = next((o.version for o in function.opset_import if o.domain in ("", "ai.onnx")), None)
+    if own is None or own >= target:
+        return function
+    body = onnx.helper.make_graph(
+        list(function.node), function.name, [onnx.helper.make_empty_tensor_value_info(v) for v in function.input],
+        [onnx.helper.make_empty_tensor_value_info(v) for v in function.output],
+    )
+    try:
+        converted = onnx.version_converter.convert_version(
+            onnx.helper.make_model(body, opset_imports=list(function.opset_import)), target)
+    except Exception as exc:
+        raise BadInputError(
+            f"opset {model_opset} could not be upgraded to {target} by onnx.version_converter: "
+            f"function {function.domain}.{function.name}: {_converter_reason(exc)}"
+        ) from None
+    out = onnx.FunctionProto()
+    out.CopyFrom(function)
+    del out.node[:]
+    out.node.extend(converted.graph.node)
+    del out.opset_import[:]
+    out.opset_import.extend(converted.opset_import)
+    return out
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:
+    """The model converted to default-domain opset `target` by onnx.version_converter, weights included.
+
+    Custom-domain nodes and opset imports pass through unchanged. Raises BadInputError with one line naming
+    the opset and the converter's reason when it cannot convert. The input proto is not modified."""
+    converted, originals = _convert_skeleton(model, target)
+    for tensor in converted.graph.initializer:
+        if tensor.name in originals:
+            tensor.CopyFrom(originals[tensor.name])
+    return converted
+
+
+def opset_upgrade_note(graph: Graph) -> str | None:
+    """One line for stderr and the report when load_graph upgraded the model's opset, else None."""
+    old = graph.context.upgraded_from_opset
+    if not old:
+        return None
+    return (f"opset {old} upgraded to {graph.context.opset} with onnx.version_converter "
+            f"(the output carries opset {graph.context.opset})")
+
+
 def load_graph(
     source: str | os.PathLike[str] | onnx.ModelProto,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    upgrade: bool = True,
 ) -> Graph:
-    """Load an ONNX model (opset >= 13) into the IR; symbolic input dims must be bound by `input_shapes`."""
+    """Load an ONNX model into the IR; symbolic input dims must be bound by `input_shapes`.
+
+    A model below MIN_OPSET is converted to MIN_OPSET with onnx.version_converter (the graph's context
+    records the original opset, see opset_upgrade_note); with `upgrade=False` it is refused instead."""
     model = source if isinstance(source, onnx.ModelProto) else read_model(source)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = default_opset(model)
     if opset is None:
         raise BadInputError("the model imports no default-domain opset")
+    weights: dict[str, onnx.TensorProto] = {}
+    upgraded_from = 0
     if opset < MIN_OPSET:
-        raise BadInputError(f"opset {opset} is older than {MIN_OPSET}; convert it first (onnx.version_converter)")
+        if not upgrade:
+            raise BadInputError(f"opset {opset} is older than {MIN_OPSET}; convert it first (onnx.version_converter)")
+        model, weights = _convert_skeleton(model, MIN_OPSET)
+        upgraded_from = opset
     bound = _bind_inputs(model, input_shapes or {})
     try:
         inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=False, data_prop=True)
@@ -316,6 +417,7 @@ def load_graph(
             types[vi.name] = t
     initializers: dict[str, onnx.TensorProto] = {}
     for t in graph.initializer:
+        t = weights.get(t.name, t)  # after an upgrade: the caller's tensor, not the converter's stub
         if t.name in initializers:
             raise BadInputError(f"duplicate initializer name {t.name!r}")
         initializers[t.name] = t
@@ -386,6 +488,7 @@ def load_graph(
         functions=tuple(model.functions),
         input_protos=tuple(v for v in graph.input if v.name not in initializers),
         output_protos=tuple(graph.output),
+        upgraded_from_opset=upgraded_from,
     )
     g = Graph(
         nodes, types, initializers, inputs, outputs, context, producer, consumers, frozenset(), 0,
@@ -634,4 +737,4 @@ def graph_to_bytes(graph: Graph) -> bytes:
     return to_model(graph).SerializeToString()
 
 
-__all__ = ["load_graph", "read_model", "to_model", "save_model", "tensor_array", "weight_bytes", "fits_in_protobuf", "parse_input_shapes", "graph_to_bytes", "GraphError", "make_attributes"]
+__all__ = ["load_graph", "upgrade_opset", "opset_upgrade_note", "MIN_OPSET", "read_model", "to_model", "save_model", "tensor_array", "weight_bytes", "fits_in_protobuf", "parse_input_shapes", "graph_to_bytes", "GraphError", "make_attributes"]

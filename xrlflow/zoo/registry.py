@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from xrlflow.errors import BadInputError
+from xrlflow.names import did_you_mean
 from xrlflow.zoo.conv_models import InceptionV3, NASNetA, ResNet, SqueezeNet11
 from xrlflow.zoo.transformer_models import (
     BertEncoder, GPT2, TransformerDims, TransformerStack, TransformerTransducer, VisionTransformer,
@@ -279,7 +280,7 @@ def get_entry(name: str) -> ZooEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise BadInputError(f"unknown zoo model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+        raise BadInputError(f"unknown zoo model {name!r}{did_you_mean(name, _REGISTRY)}; known models: {', '.join(_REGISTRY)}") from None
 
 
 def resolve_config(name: str, small: bool = False, batch: int | None = None, seq: int | None = None) -> ModelConfig:
