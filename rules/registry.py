@@ -24,6 +24,16 @@ from xrlflow.rules.transpose_matmul import (
 )
 from xrlflow.rules.fold_const_chain import FoldConstChain, FoldScaleIntoMatMul, UnfoldConstChain, UnfoldScaleFromMatMul
 from xrlflow.rules.reassociate_add import ReassociateAdd, ReassociateAddLeft
+from xrlflow.rules.compose_transposes import CancelIdentityTranspose, ComposeTransposes, SplitTranspose
+from xrlflow.rules.transpose_gemm import (
+    AbsorbTransposeIntoGemm, ExtractTransposeFromGemm, TransposeGemm, UntransposeGemm,
+)
+from xrlflow.rules.transpose_reshape import MoveReshapeBeforeTranspose, MoveTransposeBeforeReshape
+from xrlflow.rules.transpose_split_concat import (
+    MoveTransposeAfterConcat, MoveTransposeAfterSplit, MoveTransposeBeforeConcat, MoveTransposeBeforeSplit,
+)
+from xrlflow.rules.transpose_const_binary import MoveTransposeAfterConstBinary, MoveTransposeBeforeConstBinary
+from xrlflow.rules.move_scale_across_matmul import MoveScaleIntoMatMul, MoveScaleOutOfMatMul
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -69,6 +79,25 @@ RULES: tuple[Rule, ...] = (
     UnfoldScaleFromMatMul(),
     ReassociateAdd(),
     ReassociateAddLeft(),
+    # transposition algebra (attention layouts): rules/compose_transposes.py, transpose_gemm.py,
+    # transpose_reshape.py, transpose_split_concat.py, transpose_const_binary.py, move_scale_across_matmul.py
+    ComposeTransposes(),
+    SplitTranspose(),
+    CancelIdentityTranspose(),
+    AbsorbTransposeIntoGemm(),
+    ExtractTransposeFromGemm(),
+    TransposeGemm(),
+    UntransposeGemm(),
+    MoveReshapeBeforeTranspose(),
+    MoveTransposeBeforeReshape(),
+    MoveTransposeBeforeSplit(),
+    MoveTransposeAfterSplit(),
+    MoveTransposeAfterConcat(),
+    MoveTransposeBeforeConcat(),
+    MoveTransposeAfterConstBinary(),
+    MoveTransposeBeforeConstBinary(),
+    MoveScaleIntoMatMul(),
+    MoveScaleOutOfMatMul(),
 )
 
 
