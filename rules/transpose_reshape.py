@@ -61,6 +61,20 @@ def reshape_groups(before: Sequence[int], after: Sequence[int]) -> list[Group] |
     return groups
 
 
+def placement(spans: Sequence[tuple[int, ...]]) -> list[int]:
+    """Group indices sorted by where each group's axes are; a group with no axes there (a size-1 axis that
+    the Reshape drops or inserts) stays right after the group before it, so a leading batch of 1 stays put."""
+    keys: list[tuple[float, int]] = []
+    last = -0.5
+    for k, span in enumerate(spans):
+        if span:
+            last = float(span[0])
+            keys.append((last, k))
+        else:
+            keys.append((last + 0.5, k))
+    return [k for _, k in sorted(keys)]
+
+
 def consecutive(axes: Sequence[int]) -> bool:
     return all(b == a + 1 for a, b in zip(axes, axes[1:]))
 
@@ -86,7 +100,7 @@ def reshape_first(g: Graph, tr: Node, out: str) -> tuple[tuple[int, ...], tuple[
     blocks = [tuple(perm[t] for t in ga) for ga, _ in groups]  # each group's axes of x
     if not all(consecutive(b) for b in blocks):
         return None
-    order = sorted(range(len(groups)), key=lambda k: blocks[k][0] if blocks[k] else len(perm))  # x's axis order
+    order = placement(blocks)  # groups in x's axis order
     new_shape: list[int] = []
     offset: dict[int, int] = {}
     for k in order:
@@ -109,7 +123,7 @@ def transpose_first(g: Graph, reshape: Node, tr: Node) -> tuple[int, ...] | None
     places = [tuple(position[a] for a in gb) for _, gb in groups]
     if not all(consecutive(p) for p in places):
         return None
-    order = sorted(range(len(groups)), key=lambda k: places[k][0] if places[k] else len(perm))
+    order = placement(places)
     return tuple(a for k in order for a in groups[k][0])
 
 
