@@ -34,6 +34,7 @@ from xrlflow.rules.transpose_split_concat import (
 )
 from xrlflow.rules.transpose_const_binary import MoveTransposeAfterConstBinary, MoveTransposeBeforeConstBinary
 from xrlflow.rules.move_scale_across_matmul import MoveScaleIntoMatMul, MoveScaleOutOfMatMul
+from xrlflow.rules.matmul_add_to_gemm import GemmToMatMulAdd, MatMulAddToGemm
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -80,7 +81,8 @@ RULES: tuple[Rule, ...] = (
     ReassociateAdd(),
     ReassociateAddLeft(),
     # transposition algebra (attention layouts): rules/compose_transposes.py, transpose_gemm.py,
-    # transpose_reshape.py, transpose_split_concat.py, transpose_const_binary.py, move_scale_across_matmul.py
+    # transpose_reshape.py, transpose_split_concat.py, transpose_const_binary.py, move_scale_across_matmul.py,
+    # matmul_add_to_gemm.py
     ComposeTransposes(),
     SplitTranspose(),
     CancelIdentityTranspose(),
@@ -98,6 +100,8 @@ RULES: tuple[Rule, ...] = (
     MoveTransposeBeforeConstBinary(),
     MoveScaleIntoMatMul(),
     MoveScaleOutOfMatMul(),
+    MatMulAddToGemm(),
+    GemmToMatMulAdd(),
 )
 
 

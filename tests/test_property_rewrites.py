@@ -62,7 +62,7 @@ def test_generator_exercises_many_rules():
         "split-transpose", "compose-transposes", "move-transpose-before-split", "untranspose-gemm",
         "extract-transpose-from-gemm", "move-transpose-before-reshape", "move-transpose-after-const-binary",
         "move-transpose-before-const-binary", "move-scale-into-matmul", "untranspose-matmul",
-        "fold-batchnorm-into-conv",
+        "fold-batchnorm-into-conv", "matmul-add-to-gemm",
     }
     assert mine | layout <= matched, sorted((mine | layout) - matched)
     assert len(matched) >= 24, sorted(matched)
