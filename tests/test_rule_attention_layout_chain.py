@@ -57,6 +57,9 @@ def head_major(g: Graph) -> tuple[Graph, list[Match]]:
     g = exhaust(g, "move-transpose-before-split", lambda g, m: True, applied)
     g = exhaust(g, "move-transpose-before-const-binary", lambda g, m: producer_op(g, m.nodes[0]) == "Add", applied)
     g = exhaust(g, "transpose-matmul", lambda g, m: g.is_constant(g.nodes[m.nodes[1]].inputs[1]), applied)
+    # exports whose projection is a rank-2 Gemm between Reshapes (GPT-2's Conv1D): across the Reshape, into it
+    g = exhaust(g, "move-transpose-before-reshape", lambda g, m: producer_op(g, m.nodes[1]) == "Gemm", applied)
+    g = exhaust(g, "transpose-gemm", lambda g, m: True, applied)
     # context: its (0,2,1,3) becomes (0,3,1,2) after a swap; the swap turns P@V into V^T@P^T, whose V^T is there
     g = exhaust(g, "split-transpose", lambda g, m: perm(g, m.nodes[0]) == (0, 2, 1, 3) and producer_op(g, m.nodes[0]) == "MatMul", applied, ("swap-first",))
     g = exhaust(g, "transpose-matmul", lambda g, m: producer_op(g, m.nodes[1]) == "Softmax", applied)
