@@ -128,3 +128,41 @@ def test_every_step_of_the_chain_is_exact(merged_bert):
         if step % 5 == 4 or step == len(applied) - 1:
             report = verify_models(model, to_model(g, fold_constants=True), tolerance=TOLERANCE, seed=step)
             assert report.ok, f"after step {step} ({match.rule}): {report.reason}"
+
+
+def _hf_export(kind: str, folder) -> onnx.ModelProto:
+    """A 2-layer HF model with random weights, exported by torch's dynamo exporter (eager attention)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=64, attn_implementation="eager")
+        module, args = transformers.GPT2Model(config), (torch.randint(0, 500, (1, 16)),)
+        module.config.use_cache = False
+    else:
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=500, attn_implementation="eager")
+        module, args = transformers.BertModel(config), (torch.randint(0, 500, (1, 16)),)
+    path = os.path.join(str(folder), f"{kind}.onnx")
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), args, path, dynamo=True, external_data=False)
+    return onnx.load(path)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_head_major_chain_on_hf_dynamo_exports(kind, tmp_path):
+    model = _hf_export(kind, tmp_path)
+    g = load_graph(model)
+    while True:
+        found = [m for m in ENGINE.matches(g) if m.rule == "merge-parallel-matmul"]
+        if not found:
+            break
+        g = ENGINE.apply(g, found[0])
+    layers = len(g.by_op("Softmax"))
+    assert ort_optimised_ops(to_model(g, fold_constants=True))["Transpose"] == 4 * layers
+    result, applied = head_major(g)
+    report = verify_models(model, to_model(result, fold_constants=True), tolerance=TOLERANCE)
+    assert report.ok, report.reason
+    after = ort_optimised_ops(to_model(result, fold_constants=True))
+    assert after["Transpose"] == 0 and after["FusedMatMul"] == 2 * layers, after
+    if kind == "gpt2":  # the fused c_attn is already one Gemm: it is computed transposed by transpose-gemm
+        assert sum(m.rule == "transpose-gemm" for m in applied) == layers
