@@ -35,6 +35,7 @@ from xrlflow.rules.transpose_split_concat import (
 from xrlflow.rules.transpose_const_binary import MoveTransposeAfterConstBinary, MoveTransposeBeforeConstBinary
 from xrlflow.rules.move_scale_across_matmul import MoveScaleIntoMatMul, MoveScaleOutOfMatMul
 from xrlflow.rules.matmul_add_to_gemm import GemmToMatMulAdd, MatMulAddToGemm
+from xrlflow.rules.compose_reshapes import CancelIdentityReshape, ComposeReshapes
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -82,7 +83,7 @@ RULES: tuple[Rule, ...] = (
     ReassociateAddLeft(),
     # transposition algebra (attention layouts): rules/compose_transposes.py, transpose_gemm.py,
     # transpose_reshape.py, transpose_split_concat.py, transpose_const_binary.py, move_scale_across_matmul.py,
-    # matmul_add_to_gemm.py
+    # matmul_add_to_gemm.py, compose_reshapes.py
     ComposeTransposes(),
     SplitTranspose(),
     CancelIdentityTranspose(),
@@ -102,6 +103,8 @@ RULES: tuple[Rule, ...] = (
     MoveScaleOutOfMatMul(),
     MatMulAddToGemm(),
     GemmToMatMulAdd(),
+    ComposeReshapes(),
+    CancelIdentityReshape(),
 )
 
 

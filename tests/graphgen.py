@@ -318,7 +318,7 @@ class _Builder:
             return
         x = self.choice(candidates)
         rank = len(x.shape)
-        kind = int(self.rng.integers(0, 7))
+        kind = int(self.rng.integers(0, 8))
         if kind == 0:  # Transpose(Transpose(x)), sometimes an inverse pair
             first = self.perm(rank)
             inverse = [first.index(i) for i in range(rank)]
@@ -378,6 +378,16 @@ class _Builder:
             op = self.choice(("Mul", "Div"))
             scale = self.b.const((), value=np.float32(0.5 if op == "Mul" else 2.0))
             self.emit(self.b.op(op, [scores, scale]), x.shape[:-1] + (x.shape[-2],))
+
+        elif kind == 7:  # torch's SDPA sandwich: Reshape(Transpose(Reshape(x, flat)), back) or Reshape(Reshape(x))
+            flat = (int(np.prod(x.shape[:-1])), x.shape[-1])
+            r = self.b.op("Reshape", [self.use(x), self.ints(flat)])
+            if self.chance(0.5):
+                t = self.b.op("Transpose", [r], perm=[1, 0])
+                back = (x.shape[-1],) + x.shape[:-1]
+                self.emit(self.b.op("Reshape", [t, self.ints(back)]), back)
+            else:
+                self.emit(self.b.op("Reshape", [r, self.ints(x.shape)]), x.shape)
 
     def model(self) -> onnx.ModelProto:
         kinds = [

@@ -5,6 +5,9 @@ offered engine match, picked here by a predicate as a search would pick it) reac
 REFERENCE.md: QKV computed transposed as one Gemm, Split per head with no copy, scores and context on
 transposed operands (FusedMatMul transA/transB), the output projection as Gemm(ctx^T, Wo, transA=1). Every
 step is verified on onnxruntime's CPU EP; onnxruntime's optimised graph of the result has no Transpose left.
+The same driver fits HF BERT and GPT-2 (fused c_attn Gemm + Split) exported by torch's dynamo exporter, with
+eager and SDPA attention (SDPA: scale split over Q and K, K^T as a Reshape-Transpose-Reshape sandwich,
+Where/IsNaN after the Softmax).
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ def exhaust(g: Graph, rule: str, pick, applied: list[Match], params=None) -> Gra
 
 def head_major(g: Graph) -> tuple[Graph, list[Match]]:
     applied: list[Match] = []
+    # torch's SDPA decomposition: sqrt(scale) on Q and on K moves onto the scores (one scalar Mul, which
+    # FusedMatMul takes as alpha), and K^T's Reshape-Transpose-Reshape sandwich folds into one Transpose
+    g = exhaust(g, "move-scale-out-of-matmul", lambda g, m: not g.is_constant(g.nodes[m.nodes[0]].inputs[1]), applied)
+    g = exhaust(g, "fold-const-chain", lambda g, m: producer_op(g, m.nodes[0]) == "Mul" and g.nodes[m.nodes[0]].op_type == "Mul", applied)
+    g = exhaust(g, "move-transpose-before-reshape", lambda g, m: producer_op(g, m.nodes[1]) == "Transpose", applied)
+    g = exhaust(g, "compose-reshapes", lambda g, m: True, applied)
+    g = exhaust(g, "cancel-identity-reshape", lambda g, m: True, applied)
+    g = exhaust(g, "compose-transposes", lambda g, m: True, applied)
     # Q and V: Transpose(head split, (0,2,1,3)) = swap of the last two after (0,2,3,1), K's layout
     g = exhaust(g, "split-transpose", lambda g, m: perm(g, m.nodes[0]) == (0, 2, 1, 3) and producer_op(g, m.nodes[0]) == "Reshape", applied, ("swap-last",))
     # the three (0,2,3,1) keep each head together: they move above the head split ...
@@ -62,7 +73,7 @@ def head_major(g: Graph) -> tuple[Graph, list[Match]]:
     g = exhaust(g, "transpose-gemm", lambda g, m: True, applied)
     # context: its (0,2,1,3) becomes (0,3,1,2) after a swap; the swap turns P@V into V^T@P^T, whose V^T is there
     g = exhaust(g, "split-transpose", lambda g, m: perm(g, m.nodes[0]) == (0, 2, 1, 3) and producer_op(g, m.nodes[0]) == "MatMul", applied, ("swap-first",))
-    g = exhaust(g, "transpose-matmul", lambda g, m: producer_op(g, m.nodes[1]) == "Softmax", applied)
+    g = exhaust(g, "transpose-matmul", lambda g, m: producer_op(g, m.nodes[1]) in ("Softmax", "Where"), applied)
     g = exhaust(g, "compose-transposes", lambda g, m: True, applied)
     g = exhaust(g, "cancel-identity-transpose", lambda g, m: True, applied)
     g = exhaust(g, "move-reshape-before-transpose", lambda g, m: perm(g, m.nodes[1]) == (0, 3, 1, 2), applied)
@@ -130,27 +141,27 @@ def test_every_step_of_the_chain_is_exact(merged_bert):
             assert report.ok, f"after step {step} ({match.rule}): {report.reason}"
 
 
-def _hf_export(kind: str, folder) -> onnx.ModelProto:
-    """A 2-layer HF model with random weights, exported by torch's dynamo exporter (eager attention)."""
+def _hf_export(kind: str, attention: str, folder) -> onnx.ModelProto:
+    """A 2-layer HF model with random weights, exported by torch's dynamo exporter."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=64, attn_implementation="eager")
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=64, attn_implementation=attention)
         module, args = transformers.GPT2Model(config), (torch.randint(0, 500, (1, 16)),)
         module.config.use_cache = False
     else:
-        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=500, attn_implementation="eager")
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=500, attn_implementation=attention)
         module, args = transformers.BertModel(config), (torch.randint(0, 500, (1, 16)),)
-    path = os.path.join(str(folder), f"{kind}.onnx")
+    path = os.path.join(str(folder), f"{kind}_{attention}.onnx")
     with torch.no_grad():
         torch.onnx.export(module.eval(), args, path, dynamo=True, external_data=False)
     return onnx.load(path)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert"])
-def test_head_major_chain_on_hf_dynamo_exports(kind, tmp_path):
-    model = _hf_export(kind, tmp_path)
+@pytest.mark.parametrize("kind,attention", [("gpt2", "eager"), ("gpt2", "sdpa"), ("bert", "eager"), ("bert", "sdpa")])
+def test_head_major_chain_on_hf_dynamo_exports(kind, attention, tmp_path):
+    model = _hf_export(kind, attention, tmp_path)
     g = load_graph(model)
     while True:
         found = [m for m in ENGINE.matches(g) if m.rule == "merge-parallel-matmul"]
