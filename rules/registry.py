@@ -36,6 +36,7 @@ from xrlflow.rules.transpose_const_binary import MoveTransposeAfterConstBinary, 
 from xrlflow.rules.move_scale_across_matmul import MoveScaleIntoMatMul, MoveScaleOutOfMatMul
 from xrlflow.rules.matmul_add_to_gemm import GemmToMatMulAdd, MatMulAddToGemm
 from xrlflow.rules.compose_reshapes import CancelIdentityReshape, ComposeReshapes
+from xrlflow.rules.move_scale_across_reshape import MoveScaleAfterReshape, MoveScaleBeforeReshape
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -83,7 +84,7 @@ RULES: tuple[Rule, ...] = (
     ReassociateAddLeft(),
     # transposition algebra (attention layouts): rules/compose_transposes.py, transpose_gemm.py,
     # transpose_reshape.py, transpose_split_concat.py, transpose_const_binary.py, move_scale_across_matmul.py,
-    # matmul_add_to_gemm.py, compose_reshapes.py
+    # matmul_add_to_gemm.py, compose_reshapes.py, move_scale_across_reshape.py
     ComposeTransposes(),
     SplitTranspose(),
     CancelIdentityTranspose(),
@@ -105,6 +106,8 @@ RULES: tuple[Rule, ...] = (
     GemmToMatMulAdd(),
     ComposeReshapes(),
     CancelIdentityReshape(),
+    MoveScaleBeforeReshape(),
+    MoveScaleAfterReshape(),
 )
 
 

@@ -345,7 +345,11 @@ class _Builder:
             heads = next(h for h in range(2, x.shape[-1] + 1) if x.shape[-1] % h == 0)
             shape = x.shape[:-1] + (heads, x.shape[-1] // heads)
             r = self.emit(self.b.op("Reshape", [self.use(x), self.ints(shape)]), shape)
+            if self.chance(0.3):  # a scalar scale right after the head split
+                r = self.emit(self.b.op(self.choice(("Mul", "Div")), [self.use(r), self.b.const((), value=np.float32(2.0))]), shape)
             t = self.transposed(r, self.perm(len(shape)))
+            if self.chance(0.3):  # a scale on the head layout (it may move over the Reshape)
+                t = self.emit(self.b.op("Mul", [self.use(t), self.b.const((), value=np.float32(0.5))]), t.shape)
             if self.chance(0.5):  # merge back the other way: Reshape(Transpose)
                 merged = (int(np.prod(t.shape[:-1])), t.shape[-1])
                 self.emit(self.b.op("Reshape", [self.use(t), self.ints(merged)]), merged)
