@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
-from xrlflow.ir import Graph, Node, TensorType
+from xrlflow.ir import Graph, Node
 from xrlflow.rules.common import broadcast_shape, plain, sole_reader
 from xrlflow.rules.factor_matmul_add import other_operand
 from xrlflow.rules.fold_const_chain import FLOAT_TYPES, is_scalar_constant
-from xrlflow.rules.reassociate_matmul import computed, matmul_shape, producer_op
+from xrlflow.rules.reassociate_matmul import computed
 
 
 def scalar_of(g: Graph, node: Node, operand: str) -> str | None:
