@@ -24,6 +24,19 @@ from xrlflow.rules.transpose_matmul import (
 )
 from xrlflow.rules.fold_const_chain import FoldConstChain, FoldScaleIntoMatMul, UnfoldConstChain, UnfoldScaleFromMatMul
 from xrlflow.rules.reassociate_add import ReassociateAdd, ReassociateAddLeft
+from xrlflow.rules.compose_transposes import CancelIdentityTranspose, ComposeTransposes, SplitTranspose
+from xrlflow.rules.transpose_gemm import (
+    AbsorbTransposeIntoGemm, ExtractTransposeFromGemm, TransposeGemm, UntransposeGemm,
+)
+from xrlflow.rules.transpose_reshape import MoveReshapeBeforeTranspose, MoveTransposeBeforeReshape
+from xrlflow.rules.transpose_split_concat import (
+    MoveTransposeAfterConcat, MoveTransposeAfterSplit, MoveTransposeBeforeConcat, MoveTransposeBeforeSplit,
+)
+from xrlflow.rules.transpose_const_binary import MoveTransposeAfterConstBinary, MoveTransposeBeforeConstBinary
+from xrlflow.rules.move_scale_across_matmul import MoveScaleIntoMatMul, MoveScaleOutOfMatMul
+from xrlflow.rules.matmul_add_to_gemm import GemmToMatMulAdd, MatMulAddToGemm
+from xrlflow.rules.compose_reshapes import CancelIdentityReshape, ComposeReshapes
+from xrlflow.rules.move_scale_across_reshape import MoveScaleAfterReshape, MoveScaleBeforeReshape
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 from xrlflow.names import did_you_mean
@@ -70,6 +83,32 @@ RULES: tuple[Rule, ...] = (
     UnfoldScaleFromMatMul(),
     ReassociateAdd(),
     ReassociateAddLeft(),
+    # transposition algebra (attention layouts): rules/compose_transposes.py, transpose_gemm.py,
+    # transpose_reshape.py, transpose_split_concat.py, transpose_const_binary.py, move_scale_across_matmul.py,
+    # matmul_add_to_gemm.py, compose_reshapes.py, move_scale_across_reshape.py
+    ComposeTransposes(),
+    SplitTranspose(),
+    CancelIdentityTranspose(),
+    AbsorbTransposeIntoGemm(),
+    ExtractTransposeFromGemm(),
+    TransposeGemm(),
+    UntransposeGemm(),
+    MoveReshapeBeforeTranspose(),
+    MoveTransposeBeforeReshape(),
+    MoveTransposeBeforeSplit(),
+    MoveTransposeAfterSplit(),
+    MoveTransposeAfterConcat(),
+    MoveTransposeBeforeConcat(),
+    MoveTransposeAfterConstBinary(),
+    MoveTransposeBeforeConstBinary(),
+    MoveScaleIntoMatMul(),
+    MoveScaleOutOfMatMul(),
+    MatMulAddToGemm(),
+    GemmToMatMulAdd(),
+    ComposeReshapes(),
+    CancelIdentityReshape(),
+    MoveScaleBeforeReshape(),
+    MoveScaleAfterReshape(),
 )
 
 

@@ -1,7 +1,9 @@
 """Random small ONNX graphs on which many rewrite rules match, and the property checked on rewrite sequences.
 
 `random_model` mixes MatMuls that share an input (constant weights, optional bias Add), small Convs that share
-an input (1x1 and 3x3 siblings), Relu/Sigmoid, Adds of branches, Concat/Split/Slice. `check_sequence` applies
+an input (1x1 and 3x3 siblings, BatchNorms with varied epsilon), Relu/Sigmoid, Adds of branches,
+Concat/Split/Slice, and transpose algebra (non-self-inverse permutations, square products, Gemm flags, head
+splits, scaled scores). `check_sequence` applies
 engine matches picked by a list of integers, exports the result (with and without constant folding) and
 checks it against the original; the hypothesis test and bench/property_long.py share it.
 """
@@ -22,6 +24,10 @@ from xrlflow.verify import Tolerance, compare_outputs, random_inputs, run_model
 
 PROPERTY_TOLERANCE = Tolerance(rtol=1e-4, atol=1e-4)
 ACTIVATIONS = ("Relu", "Sigmoid")
+BATCHNORM_EPSILONS = (1e-5, 0.05, 0.5, 2.0)
+# per rank: permutations that are not their own inverse, and self-inverse ones (the swap-only rules want those)
+CYCLES = {2: ((1, 0),), 3: ((1, 2, 0), (2, 0, 1)), 4: ((0, 2, 3, 1), (0, 3, 1, 2), (1, 2, 3, 0), (2, 0, 3, 1))}
+SWAPS = {2: ((1, 0),), 3: ((0, 2, 1), (1, 0, 2)), 4: ((0, 2, 1, 3), (0, 1, 3, 2))}
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,8 @@ class _Builder:
             if self.chance(0.25):  # an export that kept its BatchNorm
                 variance = np.abs(self.rng.standard_normal(m)).astype(np.float32) + 0.5
                 stats = [self.b.const((m,)), self.b.const((m,)), self.b.const((m,)), self.b.const(None, value=variance)]
-                y = self.b.op("BatchNormalization", [y] + stats, epsilon=1e-5)
+                epsilon = float(self.choice(BATCHNORM_EPSILONS))  # a rule that ignores epsilon must fail
+                y = self.b.op("BatchNormalization", [y] + stats, epsilon=epsilon)
             shape = (x.shape[0], m) + x.shape[2:]
             self.activation(self.emit(y, shape), act)
 
@@ -250,8 +257,8 @@ class _Builder:
                 self.b.op("Mul", [self.use(x), self.b.const((k,))]), self.b.op("Mul", [x.name, self.b.const((k,))]),
             ])
             self.emit(y, x.shape)
-        else:  # Transpose(act(X@A)) over the last two axes
-            w = self.width()
+        else:  # Transpose(act(X@A)) over the last two axes; square products half the time
+            w = lead[-1] if lead[-1] >= 2 and self.chance(0.5) else self.width()
             y = self.b.op("MatMul", [self.use(x), self.b.const((k, w), scale=0.5)])
             act = self.maybe_activation()
             if act:
@@ -297,12 +304,101 @@ class _Builder:
         ]
         self.activation(self.emit(self.b.op("Add", convs), (x.shape[0], m) + x.shape[2:]), self.maybe_activation())
 
+    def perm(self, rank: int) -> list[int]:
+        return list(self.choice(CYCLES[rank] if self.chance(0.7) else SWAPS[rank]))
+
+    def transposed(self, v: _Value, perm: list[int]) -> _Value:
+        return self.emit(self.b.op("Transpose", [self.use(v)], perm=perm), tuple(v.shape[p] for p in perm))
+
+    def layout(self) -> None:
+        """Transpose algebra: Transpose chains, transposed and square products, Gemm flags, head splits, moves of
+        a Transpose across Split/Concat and constant binaries, scaled products of two computed values."""
+        candidates = self.of_rank((2, 3))
+        if not candidates:
+            return
+        x = self.choice(candidates)
+        rank = len(x.shape)
+        kind = int(self.rng.integers(0, 8))
+        if kind == 0:  # Transpose(Transpose(x)), sometimes an inverse pair
+            first = self.perm(rank)
+            inverse = [first.index(i) for i in range(rank)]
+            mid = self.transposed(x, first)
+            self.transposed(mid, inverse if self.chance(0.4) else self.perm(rank))
+        elif kind == 1:  # MatMul(Transpose(B), Transpose(A)) = (A@B)^T, A@B square more often than not
+            m = x.shape[-1]
+            n = x.shape[-2] if x.shape[-2] >= 2 and self.chance(0.6) else self.width()
+            xt = self.transposed(x, list(range(rank - 2)) + [rank - 1, rank - 2])
+            b = self.b.op("Transpose", [self.b.const((m, n), scale=0.5)], perm=[1, 0])
+            self.emit(self.b.op("MatMul", [b, self.use(xt)]), x.shape[:-2] + (n, x.shape[-2]))
+        elif kind == 2 and rank == 2:  # Gemm with flags (square half the time), maybe transposed after
+            m, k = x.shape
+            n = m if self.chance(0.5) else self.width()
+            trans_b = int(self.chance(0.5))
+            inputs = [self.use(x), self.b.const((n, k) if trans_b else (k, n), scale=0.5)]
+            if self.chance(0.7):
+                inputs.append(self.b.const(self.choice([(n,), (m, 1), (m, n)])))
+            y = self.b.op("Gemm", inputs, transB=trans_b, alpha=float(self.choice((1.0, 0.5))))
+            y = self.emit(y, (m, n))
+            if self.chance(0.5):
+                self.transposed(y, [1, 0])
+        elif kind == 3 and x.shape[-1] >= 2:  # a head split [.., h*d] -> [.., h, d] (d may be 1), a layout perm
+            heads = next(h for h in range(2, x.shape[-1] + 1) if x.shape[-1] % h == 0)
+            shape = x.shape[:-1] + (heads, x.shape[-1] // heads)
+            r = self.emit(self.b.op("Reshape", [self.use(x), self.ints(shape)]), shape)
+            if self.chance(0.3):  # a scalar scale right after the head split
+                r = self.emit(self.b.op(self.choice(("Mul", "Div")), [self.use(r), self.b.const((), value=np.float32(2.0))]), shape)
+            t = self.transposed(r, self.perm(len(shape)))
+            if self.chance(0.3):  # a scale on the head layout (it may move over the Reshape)
+                t = self.emit(self.b.op("Mul", [self.use(t), self.b.const((), value=np.float32(0.5))]), t.shape)
+            if self.chance(0.5):  # merge back the other way: Reshape(Transpose)
+                merged = (int(np.prod(t.shape[:-1])), t.shape[-1])
+                self.emit(self.b.op("Reshape", [self.use(t), self.ints(merged)]), merged)
+        elif kind == 4:  # Split whose pieces are transposed alike, or Concat of transposed values
+            perm = self.perm(rank)
+            if x.shape[-1] >= 2 and self.chance(0.5):
+                sizes = [1, x.shape[-1] - 1]
+                outs = self.b.op("Split", [self.use(x), self.ints(sizes)], n_out=2, axis=rank - 1)
+                for out, size in zip(outs, sizes):
+                    self.b.op("Transpose", [out], perm=perm)
+                    self.emit(self.b.nodes[-1].output[0], tuple((x.shape[:-1] + (size,))[p] for p in perm))
+            else:
+                t1, t2 = self.transposed(x, perm), self.transposed(x, perm)
+                axis = int(self.rng.integers(0, rank))
+                shape = list(t1.shape)
+                shape[axis] *= 2
+                self.emit(self.b.op("Concat", [self.use(t1), self.use(t2)], axis=axis), tuple(shape))
+        elif kind == 5:  # bias Add / scale Mul on a transposed value, or a Transpose of one
+            perm = self.perm(rank)
+            op = self.choice(("Add", "Mul", "Sub"))
+            if self.chance(0.5):
+                t = self.transposed(x, perm)
+                self.emit(self.b.op(op, [self.use(t), self.b.const(t.shape[-1:])]), t.shape)
+            else:
+                y = self.emit(self.b.op(op, [self.use(x), self.b.const(x.shape[-1:])]), x.shape)
+                self.transposed(y, perm)
+        elif kind == 6:  # attention-style scores: Mul(A @ B^T, s) with both operands computed
+            xt = self.transposed(x, list(range(rank - 2)) + [rank - 1, rank - 2])
+            scores = self.b.op("MatMul", [self.use(x), self.use(xt)])
+            op = self.choice(("Mul", "Div"))
+            scale = self.b.const((), value=np.float32(0.5 if op == "Mul" else 2.0))
+            self.emit(self.b.op(op, [scores, scale]), x.shape[:-1] + (x.shape[-2],))
+
+        elif kind == 7:  # torch's SDPA sandwich: Reshape(Transpose(Reshape(x, flat)), back) or Reshape(Reshape(x))
+            flat = (int(np.prod(x.shape[:-1])), x.shape[-1])
+            r = self.b.op("Reshape", [self.use(x), self.ints(flat)])
+            if self.chance(0.5):
+                t = self.b.op("Transpose", [r], perm=[1, 0])
+                back = (x.shape[-1],) + x.shape[:-1]
+                self.emit(self.b.op("Reshape", [t, self.ints(back)]), back)
+            else:
+                self.emit(self.b.op("Reshape", [r, self.ints(x.shape)]), x.shape)
+
     def model(self) -> onnx.ModelProto:
         kinds = [
             self.matmul_group, self.conv_group, self.branch_add, self.split, self.concat, self.split_concat,
-            self.algebra, self.shared_weight, self.conv_sum,
+            self.algebra, self.shared_weight, self.conv_sum, self.layout,
         ]
-        weights = np.array([3, 3, 1.5, 1.5, 1.5, 1.0, 2.0, 1.0, 1.0])
+        weights = np.array([3, 3, 1.5, 1.5, 1.5, 1.0, 2.0, 1.0, 1.0, 4.0])
         for _ in range(int(self.rng.integers(self.config.min_blocks, self.config.max_blocks + 1))):
             kinds[int(self.rng.choice(len(kinds), p=weights / weights.sum()))]()
         leaves = [v.name for v in self.pool if v.name not in self.read]

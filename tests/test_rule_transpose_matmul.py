@@ -7,10 +7,12 @@ def _swap_last_two(rank):
     return list(range(rank - 2)) + [rank - 1, rank - 2]
 
 
-def _transposed_product(seed, rank_a, rank_b, constant_b):
+def _transposed_product(seed, rank_a, rank_b, constant_b, square=False):
     b = ModelBuilder(seed)
     rng = b.rng
     m, k, n = dims(rng, 3, 1, 7)
+    if square:  # the product keeps its shape when transposed: only the values tell a dropped Transpose
+        n = m = max(m, 2)
     lead = dims(rng, max(rank_a, rank_b) - 2)
     a = b.input("a", lead[len(lead) - (rank_a - 2):] + [m, k])
     w = b.const(lead[len(lead) - (rank_b - 2):] + [k, n], scale=0.5) if constant_b else b.input("b", lead[len(lead) - (rank_b - 2):] + [k, n])
@@ -19,9 +21,12 @@ def _transposed_product(seed, rank_a, rank_b, constant_b):
     return b.model()
 
 
-@pytest.mark.parametrize("seed,rank_a,rank_b,constant_b", [(0, 2, 2, True), (1, 3, 2, False), (2, 4, 3, False), (3, 3, 3, True)])
-def test_transpose_then_untranspose_matmul(seed, rank_a, rank_b, constant_b):
-    model = _transposed_product(seed, rank_a, rank_b, constant_b)
+@pytest.mark.parametrize("seed,rank_a,rank_b,constant_b,square", [
+    (0, 2, 2, True, False), (1, 3, 2, False, False), (2, 4, 3, False, False), (3, 3, 3, True, False),
+    (4, 2, 2, True, True), (5, 3, 2, False, True), (6, 4, 4, False, True),
+])
+def test_transpose_then_untranspose_matmul(seed, rank_a, rank_b, constant_b, square):
+    model = _transposed_product(seed, rank_a, rank_b, constant_b, square)
     (moved,), (back,) = round_trip(model, "transpose-matmul", "untranspose-matmul")
     assert moved.op_counts()["Transpose"] == 2
     assert [n.op_type for n in moved.consumer_nodes("a")] == ["Transpose"]
