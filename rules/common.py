@@ -13,6 +13,7 @@ from xrlflow.ir import Graph, GraphEdit, Node, TensorType, make_attributes
 
 INT64 = onnx.TensorProto.INT64
 CHAIN_OPS = ("Add", "Mul")  # the associative, commutative binary ops the chain rules regroup
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
 UNARY_ELEMENTWISE = frozenset({"Relu", "Gelu", "Sigmoid", "Tanh", "LeakyRelu", "Erf", "Neg", "Abs", "Exp", "Sqrt"})
 
 
@@ -286,3 +287,8 @@ def with_dim(t: TensorType, axis: int, size: int) -> TensorType:
     shape = list(t.shape)  # type: ignore[arg-type]
     shape[axis] = size
     return t.with_shape(shape)
+
+
+def is_scalar_constant(g: Graph, value: str) -> bool:
+    t = g.types.get(value)
+    return g.is_constant(value) and t is not None and t.numel() == 1

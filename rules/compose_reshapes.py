@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph
-from xrlflow.rules.common import ints_constant, plain
-from xrlflow.rules.reassociate_matmul import computed, producer_op
+from xrlflow.rules.common import ints_constant, rewritable
+from xrlflow.rules.common import computed, producer_op
 from xrlflow.rules.transpose_reshape import free_dims
 
 
@@ -28,7 +28,7 @@ class ComposeReshapes(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for outer in g.by_op("Reshape"):
-            if not plain(outer) or not computed(g, outer.outputs[0]):
+            if not rewritable(outer) or not computed(g, outer.outputs[0]):
                 continue
             inner = producer_op(g, outer.inputs[0], "Reshape")
             if inner is None or not free_dims(g, inner.inputs[0], outer.outputs[0]):
@@ -50,7 +50,7 @@ class CancelIdentityReshape(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node in g.by_op("Reshape"):
-            if not plain(node) or not computed(g, node.outputs[0]):
+            if not rewritable(node) or not computed(g, node.outputs[0]):
                 continue
             shape = g.static_shape(node.inputs[0])
             if shape is not None and shape == g.static_shape(node.outputs[0]) and g.types[node.inputs[0]] == g.types[node.outputs[0]]:

@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import plain
-from xrlflow.rules.reassociate_matmul import computed, producer_op
+from xrlflow.rules.common import rewritable
+from xrlflow.rules.common import computed, producer_op
 
 
 def transpose_perm(g: Graph, node: Node) -> tuple[int, ...] | None:
@@ -67,7 +67,7 @@ class ComposeTransposes(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for outer in g.by_op("Transpose"):
-            if not plain(outer) or not computed(g, outer.outputs[0]):
+            if not rewritable(outer) or not computed(g, outer.outputs[0]):
                 continue
             inner = producer_op(g, outer.inputs[0], "Transpose")
             if inner is None or transpose_perm(g, inner) is None or transpose_perm(g, outer) is None:
@@ -94,7 +94,7 @@ class SplitTranspose(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for tr in g.by_op("Transpose"):
-            if not plain(tr) or not computed(g, tr.outputs[0]):
+            if not rewritable(tr) or not computed(g, tr.outputs[0]):
                 continue
             perm = transpose_perm(g, tr)
             if perm is None or len(perm) < 2 or g.shape(tr.inputs[0]) is None:
@@ -129,7 +129,7 @@ class CancelIdentityTranspose(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for tr in g.by_op("Transpose"):
-            if not plain(tr) or not computed(g, tr.outputs[0]):
+            if not rewritable(tr) or not computed(g, tr.outputs[0]):
                 continue
             perm = transpose_perm(g, tr)
             if perm is not None and is_identity(perm) and g.types.get(tr.inputs[0]) == g.types.get(tr.outputs[0]):

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import onnx
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import (
-    CHAIN_OPS, broadcast_shape, computed, matmul_shape, other_operand, producer_op, read_once_producer, regroup,
-    rewritable, shape_of, sole_reader,
+    CHAIN_OPS, FLOAT_TYPES, broadcast_shape, computed, matmul_shape, other_operand, producer_op, is_scalar_constant, read_once_producer,
+    regroup, rewritable, shape_of, sole_reader,
 )
-
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
-
 
 def constant_operand(g: Graph, node: Node) -> tuple[str, str] | None:
     """(the computed operand, the constant operand) of a binary node with exactly one constant input."""
@@ -43,11 +39,6 @@ def constant_links(g: Graph) -> Iterator[tuple[str, Node, str, str]]:
             split_outer = constant_operand(g, outer)
             if split_outer is not None:
                 yield (op, outer, *split_outer)
-
-
-def is_scalar_constant(g: Graph, value: str) -> bool:
-    t = g.types.get(value)
-    return g.is_constant(value) and t is not None and t.numel() == 1
 
 
 class FoldConstChain(Rule):

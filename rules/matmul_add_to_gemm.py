@@ -16,9 +16,9 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import ints_constant, plain, sole_reader
-from xrlflow.rules.factor_matmul_add import other_operand
-from xrlflow.rules.reassociate_matmul import computed, producer_op
+from xrlflow.rules.common import ints_constant, rewritable, sole_reader
+from xrlflow.rules.common import other_operand
+from xrlflow.rules.common import computed, producer_op
 from xrlflow.rules.transpose_reshape import free_dims
 
 
@@ -38,7 +38,7 @@ def bias_as(g: Graph, b: str, shape: tuple[int, ...]) -> bool:
 
 def projection(g: Graph, add: Node) -> tuple[Node, str, str] | None:
     """(MatMul, bias, side) of Add(MatMul(..), bias) in Gemm reach; side 'right' for X@W, 'left' for W@Y."""
-    if not plain(add) or len(add.inputs) != 2 or not computed(g, add.outputs[0]):
+    if not rewritable(add) or len(add.inputs) != 2 or not computed(g, add.outputs[0]):
         return None
     for v in dict.fromkeys(add.inputs):
         mm = producer_op(g, v, "MatMul")
@@ -111,7 +111,7 @@ class GemmToMatMulAdd(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for gemm in g.by_op("Gemm"):
-            if not plain(gemm) or len(gemm.inputs) != 3 or not gemm.inputs[2] or not computed(g, gemm.outputs[0]):
+            if not rewritable(gemm) or len(gemm.inputs) != 3 or not gemm.inputs[2] or not computed(g, gemm.outputs[0]):
                 continue
             if any(gemm.attr(k, d) != d for k, d in (("transA", 0), ("transB", 0), ("alpha", 1.0), ("beta", 1.0))):
                 continue

@@ -13,15 +13,15 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node
-from xrlflow.rules.common import broadcast_shape, plain, sole_reader
-from xrlflow.rules.factor_matmul_add import other_operand
-from xrlflow.rules.fold_const_chain import FLOAT_TYPES, is_scalar_constant
-from xrlflow.rules.reassociate_matmul import computed
+from xrlflow.rules.common import broadcast_shape, rewritable, sole_reader
+from xrlflow.rules.common import other_operand
+from xrlflow.rules.common import FLOAT_TYPES, is_scalar_constant
+from xrlflow.rules.common import computed
 
 
 def scalar_of(g: Graph, node: Node, operand: str) -> str | None:
     """s of Mul(operand, s), Mul(s, operand) or Div(operand, s), s a float scalar constant of operand's dtype."""
-    if not plain(node) or node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+    if not rewritable(node) or node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
         return None
     if node.op_type == "Div" and node.inputs[0] != operand:
         return None
@@ -48,7 +48,7 @@ class MoveScaleIntoMatMul(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mm in g.by_op("MatMul"):
-            if not plain(mm) or not computed(g, mm.outputs[0]):
+            if not rewritable(mm) or not computed(g, mm.outputs[0]):
                 continue
             after = sole_reader(g, mm.outputs[0])
             if after is None or scalar_of(g, after, mm.outputs[0]) is None:
@@ -85,7 +85,7 @@ class MoveScaleOutOfMatMul(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for mm in g.by_op("MatMul"):
-            if not plain(mm) or not computed(g, mm.outputs[0]) or g.static_shape(mm.outputs[0]) is None:
+            if not rewritable(mm) or not computed(g, mm.outputs[0]) or g.static_shape(mm.outputs[0]) is None:
                 continue
             for position in (0, 1):
                 value = mm.inputs[position]

@@ -13,9 +13,9 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph
-from xrlflow.rules.common import plain, sole_reader
+from xrlflow.rules.common import rewritable, sole_reader
 from xrlflow.rules.move_scale_across_matmul import rank_ok, scalar_of
-from xrlflow.rules.reassociate_matmul import computed, producer_op
+from xrlflow.rules.common import computed, producer_op
 
 
 class MoveScaleBeforeReshape(Rule):
@@ -65,7 +65,7 @@ class MoveScaleAfterReshape(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for reshape in g.by_op("Reshape"):
-            if not plain(reshape) or not computed(g, reshape.outputs[0]):
+            if not rewritable(reshape) or not computed(g, reshape.outputs[0]):
                 continue
             node = g.producer_of(reshape.inputs[0])
             if node is None or node.op_type not in ("Mul", "Div") or sole_reader(g, reshape.inputs[0]) is not reshape:

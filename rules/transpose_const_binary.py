@@ -13,16 +13,16 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import broadcast_shape, ints_constant, plain, sole_reader
+from xrlflow.rules.common import broadcast_shape, ints_constant, rewritable, sole_reader
 from xrlflow.rules.compose_transposes import invert, permuted, transpose_perm
-from xrlflow.rules.reassociate_matmul import computed, producer_op
+from xrlflow.rules.common import computed, producer_op
 
 CONST_BINARY = ("Add", "Sub", "Mul", "Div")
 
 
 def split_const(g: Graph, node: Node) -> tuple[int, str, str] | None:
     """(position of the computed operand, computed operand, constant) of a binary op with one constant side."""
-    if not plain(node) or len(node.inputs) != 2:
+    if not rewritable(node) or len(node.inputs) != 2:
         return None
     for position in (0, 1):
         x, c = node.inputs[position], node.inputs[1 - position]
@@ -102,7 +102,7 @@ class MoveTransposeBeforeConstBinary(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for tr in g.by_op("Transpose"):
-            if not plain(tr) or not computed(g, tr.outputs[0]) or transpose_perm(g, tr) is None:
+            if not rewritable(tr) or not computed(g, tr.outputs[0]) or transpose_perm(g, tr) is None:
                 continue
             op = g.producer_of(tr.inputs[0])
             if op is None or op.op_type not in CONST_BINARY or sole_reader(g, op.outputs[0]) is not tr:

@@ -13,9 +13,9 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType, make_attributes
-from xrlflow.rules.common import ints_constant, plain, sole_reader
+from xrlflow.rules.common import ints_constant, rewritable, sole_reader
 from xrlflow.rules.compose_transposes import transpose_perm
-from xrlflow.rules.reassociate_matmul import computed, producer_op
+from xrlflow.rules.common import computed, producer_op
 
 FLAG = {0: "transA", 1: "transB"}
 
@@ -27,7 +27,7 @@ def rank2(g: Graph, value: str) -> bool:
 
 def gemm_ok(g: Graph, gemm: Node) -> bool:
     return (
-        plain(gemm) and len(gemm.inputs) >= 2 and rank2(g, gemm.inputs[0]) and rank2(g, gemm.inputs[1])
+        rewritable(gemm) and len(gemm.inputs) >= 2 and rank2(g, gemm.inputs[0]) and rank2(g, gemm.inputs[1])
         and computed(g, gemm.outputs[0]) and rank2(g, gemm.outputs[0])
     )
 
@@ -141,7 +141,7 @@ class TransposeGemm(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for tr in g.by_op("Transpose"):
-            if not plain(tr) or not computed(g, tr.outputs[0]) or transpose_perm(g, tr) != (1, 0):
+            if not rewritable(tr) or not computed(g, tr.outputs[0]) or transpose_perm(g, tr) != (1, 0):
                 continue
             gemm = producer_op(g, tr.inputs[0], "Gemm")
             if gemm is None or not gemm_ok(g, gemm) or not bias_ok(g, gemm) or sole_reader(g, gemm.outputs[0]) is not tr:

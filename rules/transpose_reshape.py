@@ -13,9 +13,9 @@ from typing import Any, Iterator, Sequence
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import ints_constant, plain, sole_reader
+from xrlflow.rules.common import ints_constant, rewritable, sole_reader
 from xrlflow.rules.compose_transposes import invert, transpose_perm
-from xrlflow.rules.reassociate_matmul import computed, producer_op
+from xrlflow.rules.common import computed, producer_op
 
 Group = tuple[tuple[int, ...], tuple[int, ...]]  # (axes of the Reshape's input, axes of its output)
 
@@ -138,7 +138,7 @@ class MoveReshapeBeforeTranspose(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for reshape in g.by_op("Reshape"):
-            if not plain(reshape) or not computed(g, reshape.outputs[0]):
+            if not rewritable(reshape) or not computed(g, reshape.outputs[0]):
                 continue
             tr = producer_op(g, reshape.inputs[0], "Transpose")
             if tr is None or sole_reader(g, tr.outputs[0]) is not reshape:
@@ -169,7 +169,7 @@ class MoveTransposeBeforeReshape(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for tr in g.by_op("Transpose"):
-            if not plain(tr) or not computed(g, tr.outputs[0]):
+            if not rewritable(tr) or not computed(g, tr.outputs[0]):
                 continue
             reshape = producer_op(g, tr.inputs[0], "Reshape")
             if reshape is None or sole_reader(g, reshape.outputs[0]) is not tr:

@@ -13,9 +13,9 @@ from typing import Any, Iterator
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType
-from xrlflow.rules.common import concat, normalize_axis, plain, sole_reader, split, split_sizes
+from xrlflow.rules.common import concat, normalize_axis, rewritable, sole_reader, split, split_sizes
 from xrlflow.rules.compose_transposes import invert, permuted, transpose_perm
-from xrlflow.rules.reassociate_matmul import computed, producer_op
+from xrlflow.rules.common import computed, producer_op
 
 
 def split_axis(g: Graph, node: Node) -> int | None:
@@ -34,7 +34,7 @@ def piece_transposes(g: Graph, node: Node) -> tuple[list[Node], tuple[int, ...]]
     readers = []
     for out in node.outputs:
         reader = sole_reader(g, out) if out else None
-        if reader is None or reader.op_type != "Transpose" or not plain(reader):
+        if reader is None or reader.op_type != "Transpose" or not rewritable(reader):
             return None
         readers.append(reader)
     perms = {transpose_perm(g, r) for r in readers}
@@ -68,7 +68,7 @@ class MoveTransposeBeforeSplit(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node in g.by_op("Split"):
-            if not plain(node) or not computed(g, node.inputs[0]) or split_axis(g, node) is None:
+            if not rewritable(node) or not computed(g, node.inputs[0]) or split_axis(g, node) is None:
                 continue
             if split_sizes(g, node) is None:
                 continue
@@ -100,7 +100,7 @@ class MoveTransposeAfterSplit(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node in g.by_op("Split"):
-            if not plain(node) or split_axis(g, node) is None or split_sizes(g, node) is None:
+            if not rewritable(node) or split_axis(g, node) is None or split_sizes(g, node) is None:
                 continue
             tr = producer_op(g, node.inputs[0], "Transpose")
             if tr is None or not computed(g, tr.outputs[0]) or sole_reader(g, tr.outputs[0]) is not node:
@@ -130,7 +130,7 @@ class MoveTransposeAfterConcat(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for node in g.by_op("Concat"):
-            if not plain(node) or not computed(g, node.outputs[0]) or len(node.inputs) < 2 or len(set(node.inputs)) != len(node.inputs):
+            if not rewritable(node) or not computed(g, node.outputs[0]) or len(node.inputs) < 2 or len(set(node.inputs)) != len(node.inputs):
                 continue
             if g.static_shape(node.outputs[0]) is None:
                 continue
@@ -161,7 +161,7 @@ class MoveTransposeBeforeConcat(Rule):
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
         for tr in g.by_op("Transpose"):
-            if not plain(tr) or not computed(g, tr.outputs[0]):
+            if not rewritable(tr) or not computed(g, tr.outputs[0]):
                 continue
             node = producer_op(g, tr.inputs[0], "Concat")
             if node is None or sole_reader(g, node.outputs[0]) is not tr or transpose_perm(g, tr) is None:
