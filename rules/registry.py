@@ -24,6 +24,7 @@ from xrlflow.rules.transpose_matmul import (
 )
 from xrlflow.rules.fold_const_chain import FoldConstChain, FoldScaleIntoMatMul, UnfoldConstChain, UnfoldScaleFromMatMul
 from xrlflow.rules.reassociate_add import ReassociateAdd, ReassociateAddLeft
+from xrlflow.rules.fuse_multihead_attention import FuseMultiHeadAttention
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -69,6 +70,8 @@ RULES: tuple[Rule, ...] = (
     UnfoldScaleFromMatMul(),
     ReassociateAdd(),
     ReassociateAddLeft(),
+    # attention fusions into onnxruntime's contrib ops (com.microsoft)
+    FuseMultiHeadAttention(),
 )
 
 
