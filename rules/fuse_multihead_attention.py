@@ -319,7 +319,16 @@ def match_attention(g: Graph, softmax: Node) -> AttentionPattern | None:
         if (full[2] != seq or full[3] != kv_seq) and (g.dim_is_bound(x, 2) or g.dim_is_bound(x, 3)):
             return None  # expanding the mask would bake a dim that only --input-shape fixed
         arr = g.constant_array(mask)
-        causal = arr is not None and seq == kv_seq and _mask_is_causal(np.reshape(arr, full), seq)
+        if arr is not None:
+            causal = seq == kv_seq and _mask_is_causal(np.reshape(arr, full), seq)
+            if np.all(np.isfinite(arr)):
+                # No row can be masked out entirely, so the Softmax has no NaN for the guard to clear
+                # (finite inputs assumed, as everywhere in verification).
+                nan_guard = False
+            if not np.any(arr):
+                mask, mask_shape = None, None  # a constant zero mask adds nothing
+    elif nan_guard:
+        nan_guard = False  # no mask: Softmax of finite scores has no NaN
 
     out_shape = g.static_shape(reshape.outputs[0])
     v_hidden = value.heads * value.head_size

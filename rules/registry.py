@@ -25,6 +25,7 @@ from xrlflow.rules.transpose_matmul import (
 from xrlflow.rules.fold_const_chain import FoldConstChain, FoldScaleIntoMatMul, UnfoldConstChain, UnfoldScaleFromMatMul
 from xrlflow.rules.reassociate_add import ReassociateAdd, ReassociateAddLeft
 from xrlflow.rules.fuse_multihead_attention import FuseMultiHeadAttention
+from xrlflow.rules.fuse_packed_qkv_attention import FusePackedQkvAttention
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 
@@ -72,6 +73,7 @@ RULES: tuple[Rule, ...] = (
     ReassociateAddLeft(),
     # attention fusions into onnxruntime's contrib ops (com.microsoft)
     FuseMultiHeadAttention(),
+    FusePackedQkvAttention(),
 )
 
 
