@@ -481,6 +481,7 @@ def to_model(graph: Graph, fold_constants: bool = False) -> onnx.ModelProto:
     g = onnx.helper.make_graph(
         node_protos, ctx.graph_name or "xrlflow", list(ctx.input_protos), outputs,
         initializer=initializers + live_folded, doc_string=ctx.graph_doc_string or None,
+        value_info=_contrib_value_info(graph, set(graph.outputs)),
     )
     imports = dict(ctx.opset_imports)
     for node in graph.nodes.values():
@@ -502,6 +503,22 @@ def to_model(graph: Graph, fold_constants: bool = False) -> onnx.ModelProto:
         entry.key, entry.value = key, value
     model.functions.extend(ctx.functions)
     return model
+
+
+def _contrib_value_info(graph: Graph, skip: set[str]) -> list[onnx.ValueInfoProto]:
+    """Types of the outputs of ops outside the default domain: onnx's shape inference has no schema for
+    them, so without these a re-loaded model would lose every shape downstream of a contrib op."""
+    infos = []
+    for node in graph.nodes.values():
+        if node.domain in ("", "ai.onnx"):
+            continue
+        for v in node.outputs:
+            t = graph.types.get(v)
+            if not v or v in skip or t is None or t.shape is None:
+                continue
+            dims = [f"{v}_dim{i}" if graph.dim_is_bound(v, i) else d for i, d in enumerate(t.shape)]
+            infos.append(onnx.helper.make_tensor_value_info(v, t.dtype, dims))
+    return infos
 
 
 def _fold_rewrite_constants(graph: Graph, order: list[str]) -> dict[str, np.ndarray]:
