@@ -59,7 +59,7 @@ class AttentionPattern:
     value: HeadLayout
     scale: float
     mask: str | None  # the additive mask value (None: no mask)
-    mask_shape: tuple[int, ...] | None
+    mask_shape: tuple[int, ...] | None  # None with a mask: unknown, broadcast into the scores' shape
     causal: bool  # the mask is a constant causal mask
     nan_guard: bool  # Softmax is followed by Where(IsNaN(p), 0, p)
     output: str  # the value the fused op's result replaces
@@ -273,10 +273,19 @@ def match_attention(g: Graph, softmax: Node) -> AttentionPattern | None:
         probs = guard[0]
         path.extend(guard[1])
     context_mm = sole_reader(g, probs)
+    while context_mm is not None and context_mm.op_type == "Cast" and plain(context_mm) and \
+            context_mm.attr("to") == g.dtype(probs):  # the legacy exporter's no-op Casts
+        path.append(context_mm.name)
+        probs = context_mm.outputs[0]
+        context_mm = sole_reader(g, probs)
     if context_mm is None or context_mm.op_type != "MatMul" or not plain(context_mm) or context_mm.inputs[0] != probs:
         return None
     path.append(context_mm.name)
     transpose = sole_reader(g, context_mm.outputs[0])
+    if transpose is not None and transpose.op_type == "Reshape" and plain(transpose) and \
+            g.static_shape(transpose.outputs[0]) == g.static_shape(context_mm.outputs[0]):
+        path.append(transpose.name)  # a Reshape to the same shape (the legacy exporter's SDPA) is no step
+        transpose = sole_reader(g, transpose.outputs[0])
     if transpose is None or transpose.op_type != "Transpose" or not plain(transpose):
         return None
     if tuple(transpose.attr("perm", ())) != Q_PERM:
@@ -309,9 +318,15 @@ def match_attention(g: Graph, softmax: Node) -> AttentionPattern | None:
 
     mask_shape = None
     causal = False
-    if mask is not None:
+    if mask is not None and g.static_shape(mask) is None:
+        # Shape inference lost the mask's shape (the legacy exporter's Expand of a computed shape). It
+        # broadcasts into the scores' shape (the Add says so), so expanding it to that shape is exact.
+        if g.dtype(mask) not in (None, g.dtype(x)) or any(g.dim_is_bound(x, i) for i in range(4)):
+            return None
+        mask_shape = None
+    elif mask is not None:
         mask_shape = g.static_shape(mask)
-        if mask_shape is None or len(mask_shape) > 4 or g.dtype(mask) != g.dtype(x):
+        if len(mask_shape) > 4 or g.dtype(mask) != g.dtype(x):
             return None
         full = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
         if broadcast_shape(full, shape) != tuple(shape) or full[0] not in (1, batch) or full[1] not in (1, heads):
@@ -354,7 +369,10 @@ def attention_bias(e, g: Graph, p: AttentionPattern) -> str:
     """The mask as MultiHeadAttention's attention_bias: rank 4, last two dims full ("" when there is none)."""
     if p.mask is None or p.causal:
         return ""
-    dtype = g.dtype(p.mask)
+    dtype = g.dtype(p.output)
+    if p.mask_shape is None:
+        target = (p.batch, p.query.heads, p.seq, p.kv_seq)
+        return e.add1("Expand", [p.mask, ints_constant(e, target)], TensorType(dtype, target))
     full = (1,) * (4 - len(p.mask_shape)) + tuple(p.mask_shape)
     bias = p.mask
     if len(p.mask_shape) != 4:

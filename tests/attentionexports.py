@@ -12,7 +12,7 @@ SEQ = 8
 BATCH = 2
 
 
-def export_hf(family: str, attn: str, path: Path, dynamo: bool = True) -> Path:
+def export_hf(family: str, attn: str, path: Path, dynamo: bool = True, opset: int = 14) -> Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -34,22 +34,39 @@ def export_hf(family: str, attn: str, path: Path, dynamo: bool = True) -> Path:
     else:
         raise ValueError(family)
     module.eval()
+    if not dynamo:
+        module = _LastHiddenState(module, names)  # TorchScript tracing wants positional tensors and a tensor out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        options = dict(external_data=False) if dynamo else dict(opset_version=14)
+        options = dict(external_data=False) if dynamo else dict(opset_version=opset)
         torch.onnx.export(module, args, str(path), dynamo=dynamo, input_names=names, **options)
     return path
 
 
+def _LastHiddenState(model, names):
+    import torch
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *tensors):
+            return self.model(**dict(zip(names, tensors))).last_hidden_state
+
+    return LastHiddenState()
+
+
 @pytest.fixture(scope="session")
 def hf_exports(tmp_path_factory):
-    cache: dict[tuple[str, str, bool], Path] = {}
+    cache: dict[tuple[str, str, bool, int], Path] = {}
     folder = tmp_path_factory.mktemp("hf-exports")
 
-    def get(family: str, attn: str, dynamo: bool = True) -> Path:
-        key = (family, attn, dynamo)
+    def get(family: str, attn: str, dynamo: bool = True, opset: int = 14) -> Path:
+        key = (family, attn, dynamo, opset)
         if key not in cache:
-            cache[key] = export_hf(family, attn, folder / f"{family}-{attn}-{int(dynamo)}.onnx", dynamo)
+            path = folder / f"{family}-{attn}-{'dynamo' if dynamo else f'legacy{opset}'}.onnx"
+            cache[key] = export_hf(family, attn, path, dynamo, opset)
         return cache[key]
 
     return get

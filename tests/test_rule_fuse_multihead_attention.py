@@ -164,6 +164,12 @@ def test_hf_dynamo_exports_fuse_on_every_layer(hf_exports, family, attn):
     check_export_fuses_every_layer(hf_exports(family, attn), RULE, 2, "MultiHeadAttention")
 
 
+@pytest.mark.parametrize("family,attn,opset", [("bert", "eager", 14), ("vit", "eager", 14), ("bert", "sdpa", 17)])
+def test_hf_legacy_exports_fuse_on_every_layer(hf_exports, family, attn, opset):
+    # TorchScript exports: a mask whose shape inference cannot tell, no-op Casts and Reshapes on the way
+    check_export_fuses_every_layer(hf_exports(family, attn, dynamo=False, opset=opset), RULE, 2, "MultiHeadAttention")
+
+
 def test_hf_gpt2_becomes_unidirectional(hf_exports):
     fused, _ = fuse_everywhere(load_graph(onnx.load(str(hf_exports("gpt2", "sdpa")))), RULE)
     assert all(n.attr("unidirectional") == 1 for n in fused.by_op("MultiHeadAttention"))
