@@ -31,7 +31,6 @@ def attention_model(spec: AttentionSpec, opset: int = 17, **overrides):
     """softmax(Q K^T * scale + mask) V over heads, exported-graph style. `overrides` break one precondition
     (near misses): q_perm, k_perm, softmax_axis, scale_value, v_scale, scale_shape, mask_after_scale."""
     b = ModelBuilder(spec.seed, opset=opset)
-    rng = b.rng
     bsz, s, d, n = spec.batch, spec.seq, spec.hidden, spec.heads
     l = spec.kv_seq or s
     h = d // n

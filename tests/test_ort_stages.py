@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 
 from tests.attentionexports import hf_exports, zoo_exports  # noqa: F401  (pytest fixtures)
 from tests.attentiongen import AttentionSpec, attention_model
@@ -14,7 +13,7 @@ from xrlflow.ort_stages import (
     FLOAT16_TOLERANCE, OrtFusionOptions, detect_model_type, float16_stage, infer_attention_dims,
     ort_transformer_fusions, verify_float16,
 )
-from xrlflow.verify import Tolerance, random_inputs, verify_models
+from xrlflow.verify import Tolerance, verify_models
 
 FP32 = Tolerance(rtol=1e-4, atol=1e-4)
 
