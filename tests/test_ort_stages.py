@@ -39,6 +39,14 @@ def test_bert_dynamo_export_gets_fusions_and_stays_equal(hf_exports):
         assert report.ok, report.to_dict()
 
 
+def test_opt_level_one_runs_onnxruntime_basic_optimisations_too(hf_exports):
+    model = onnx.load(str(hf_exports("bert", "eager")))
+    basic = ort_transformer_fusions(model, OrtFusionOptions(opt_level=1))  # through a file (see the stage)
+    assert not basic.warning and basic.fused.get("SkipLayerNormalization", 0) >= 2
+    report = verify_models(model, basic.model, tolerance=FP32)
+    assert report.ok, report.to_dict()
+
+
 def test_fusions_after_xrlflow_attention_fusion(hf_exports):
     model = onnx.load(str(hf_exports("bert", "sdpa")))
     fused, count = fuse_everywhere(load_graph(model), "fuse-multihead-attention")

@@ -18,12 +18,15 @@ import collections
 import contextlib
 import io
 import logging
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import onnx
 
+from xrlflow.onnx_io import fits_in_protobuf
 from xrlflow.verify import Tolerance, VerifyReport, first_line, random_inputs, run_model, verify_against
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -180,13 +183,20 @@ def ort_transformer_fusions(model: onnx.ModelProto, options: OrtFusionOptions = 
     work.CopyFrom(model)
     before = _op_counts(model)
     try:
-        with _quiet_onnxruntime_transformers():
+        with _quiet_onnxruntime_transformers(), tempfile.TemporaryDirectory(prefix="xrlflow-ort-") as folder:
+            source: onnx.ModelProto | str = work
+            if options.opt_level > 0:
+                # Its session pass re-reads a ModelProto through external data it cannot resolve; a file works.
+                if not fits_in_protobuf(work):
+                    raise ValueError("opt_level > 0 needs a model under the protobuf limit")
+                source = str(Path(folder) / "model.onnx")
+                onnx.save(work, source)
             optimized = optimize_model(
-                work, model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=options.opt_level,
+                source, model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=options.opt_level,
                 use_gpu=options.use_gpu,
             )
             stats = optimized.get_fused_operator_statistics()
-        result = optimized.model
+            result = optimized.model
     except Exception as exc:  # onnxruntime's optimizer is third-party code: any crash means "no fusions"
         warning = f"onnxruntime's {model_type} optimizer failed ({type(exc).__name__}: {first_line(exc)}); model unchanged"
         return StageResult(model, False, "onnxruntime fusions not applied", warning)
