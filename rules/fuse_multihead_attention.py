@@ -29,7 +29,7 @@ import onnx
 
 from xrlflow.engine import Rule
 from xrlflow.ir import Graph, Node, TensorType, make_attributes
-from xrlflow.rules.common import broadcast_shape, constant_ints, ints_constant, normalize_axis, plain, sole_reader
+from xrlflow.rules.common import INT64, broadcast_shape, constant_ints, ints_constant, normalize_axis, plain, sole_reader
 
 CONTRIB_DOMAIN = "com.microsoft"
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16})
@@ -198,7 +198,9 @@ def _scores_and_mask(g: Graph, softmax_input: str) -> tuple[list[str], str, str 
     node = g.producer_of(cur)
     if node is not None and plain(node) and node.op_type == "Add":
         for scores, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
-            if g.static_shape(scores) == g.static_shape(cur) and scores != other and _reaches_matmul(g, scores):
+            score_shape = g.static_shape(scores)
+            if score_shape is not None and g.static_shape(cur) in (score_shape, None) and scores != other \
+                    and _reaches_matmul(g, scores):
                 nodes.append(node.name)
                 mask, cur = other, scores
                 break
@@ -258,6 +260,15 @@ def match_attention(g: Graph, softmax: Node) -> AttentionPattern | None:
         return None
     x = softmax.inputs[0]
     shape = g.static_shape(x)
+    shape_from_scores = False
+    if shape is None:
+        # onnx's inference gives up on `scores + mask` when the mask's shape is unknown and a dim is 1; the
+        # scores' own shape stands in, and the head merge's element count below proves the mask did not
+        # broadcast them up.
+        add = g.producer_of(x)
+        if add is not None and add.op_type == "Add" and plain(add):
+            known = [g.static_shape(v) for v in add.inputs if g.static_shape(v) is not None]
+            shape, shape_from_scores = (known[0], True) if len(known) == 1 else (None, False)
     if shape is None or len(shape) != 4 or g.dtype(x) not in FLOAT_TYPES:
         return None
     if normalize_axis(softmax.attr("axis", -1), 4) != 3:
@@ -321,7 +332,7 @@ def match_attention(g: Graph, softmax: Node) -> AttentionPattern | None:
     if mask is not None and g.static_shape(mask) is None:
         # Shape inference lost the mask's shape (the legacy exporter's Expand of a computed shape). It
         # broadcasts into the scores' shape (the Add says so), so expanding it to that shape is exact.
-        if g.dtype(mask) not in (None, g.dtype(x)) or any(g.dim_is_bound(x, i) for i in range(4)):
+        if g.dtype(mask) not in (None, g.dtype(x)):
             return None
         mask_shape = None
     elif mask is not None:
@@ -331,8 +342,6 @@ def match_attention(g: Graph, softmax: Node) -> AttentionPattern | None:
         full = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
         if broadcast_shape(full, shape) != tuple(shape) or full[0] not in (1, batch) or full[1] not in (1, heads):
             return None
-        if (full[2] != seq or full[3] != kv_seq) and (g.dim_is_bound(x, 2) or g.dim_is_bound(x, 3)):
-            return None  # expanding the mask would bake a dim that only --input-shape fixed
         arr = g.constant_array(mask)
         if arr is not None:
             causal = seq == kv_seq and _mask_is_causal(np.reshape(arr, full), seq)
@@ -347,7 +356,7 @@ def match_attention(g: Graph, softmax: Node) -> AttentionPattern | None:
 
     out_shape = g.static_shape(reshape.outputs[0])
     v_hidden = value.heads * value.head_size
-    if out_shape is None:
+    if out_shape is None or (shape_from_scores and int(np.prod(out_shape)) != batch * seq * v_hidden):
         return None
     output_reshape = None
     if tuple(out_shape) != (batch, seq, v_hidden):
@@ -366,21 +375,40 @@ def match_attention(g: Graph, softmax: Node) -> AttentionPattern | None:
 
 
 def attention_bias(e, g: Graph, p: AttentionPattern) -> str:
-    """The mask as MultiHeadAttention's attention_bias: rank 4, last two dims full ("" when there is none)."""
+    """The mask as MultiHeadAttention's attention_bias: rank 4, last two dims full ("" when there is none).
+    Where the model's batch or sequence dims are symbolic (bound only by --input-shape), the expansion
+    reads them from the inputs at run time instead of baking the bound sizes in."""
     if p.mask is None or p.causal:
         return ""
     dtype = g.dtype(p.output)
-    if p.mask_shape is None:
-        target = (p.batch, p.query.heads, p.seq, p.kv_seq)
-        return e.add1("Expand", [p.mask, ints_constant(e, target)], TensorType(dtype, target))
-    full = (1,) * (4 - len(p.mask_shape)) + tuple(p.mask_shape)
     bias = p.mask
-    if len(p.mask_shape) != 4:
-        bias = e.add1("Reshape", [bias, ints_constant(e, full)], TensorType(dtype, full))
-    target = (full[0], full[1], p.seq, p.kv_seq)
-    if target != full:
-        bias = e.add1("Expand", [bias, ints_constant(e, target)], TensorType(dtype, target))
-    return bias
+    if p.mask_shape is None:
+        full: tuple[int, ...] | None = None
+        target = (p.batch, p.query.heads, p.seq, p.kv_seq)
+    else:
+        full = (1,) * (4 - len(p.mask_shape)) + tuple(p.mask_shape)
+        if len(p.mask_shape) != 4:
+            axes = ints_constant(e, range(4 - len(p.mask_shape)))
+            bias = e.add1("Unsqueeze", [bias, axes], TensorType(dtype, full))
+        target = (full[0], full[1], p.seq, p.kv_seq)
+        if target == full:
+            return bias
+    scores = g.nodes[p.softmax].inputs[0]
+    if not any(g.dim_is_bound(scores, i) for i in range(4)):
+        return e.add1("Expand", [bias, ints_constant(e, target)], TensorType(dtype, target))
+    int_shape = lambda n: TensorType(INT64, (n,))  # noqa: E731
+    q_shape = e.add1("Shape", [p.query.source], int_shape(3))
+    k_shape = e.add1("Shape", [p.key.source], int_shape(3))
+
+    def dim(shape: str, index: int) -> str:
+        start, end = ints_constant(e, (index,)), ints_constant(e, (index + 1,))
+        return e.add1("Slice", [shape, start, end], int_shape(1))
+
+    # a batch of 1 that is the binding of a symbolic batch follows the input; the op accepts [B, ...] anyway
+    batch = dim(q_shape, 0) if target[0] != 1 or g.dim_is_bound(scores, 0) else ints_constant(e, (1,))
+    pieces = [batch, ints_constant(e, (target[1],)), dim(q_shape, 1), dim(k_shape, 1)]
+    runtime_target = e.add1("Concat", pieces, int_shape(4), axis=0)
+    return e.add1("Expand", [bias, runtime_target], TensorType(dtype, target))
 
 
 def finish_output(e, g: Graph, p: AttentionPattern, fused: str) -> None:

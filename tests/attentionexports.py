@@ -12,7 +12,7 @@ SEQ = 8
 BATCH = 2
 
 
-def export_hf(family: str, attn: str, path: Path, dynamo: bool = True, opset: int = 14) -> Path:
+def export_hf(family: str, attn: str, path: Path, dynamo: bool = True, opset: int = 14, dynamic: bool = False) -> Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -39,6 +39,9 @@ def export_hf(family: str, attn: str, path: Path, dynamo: bool = True, opset: in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         options = dict(external_data=False) if dynamo else dict(opset_version=opset)
+        if dynamic:  # symbolic batch and sequence on every token input
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=64)
+            options["dynamic_shapes"] = tuple({0: batch, 1: seq} for _ in args)
         torch.onnx.export(module, args, str(path), dynamo=dynamo, input_names=names, **options)
     return path
 
@@ -59,14 +62,14 @@ def _LastHiddenState(model, names):
 
 @pytest.fixture(scope="session")
 def hf_exports(tmp_path_factory):
-    cache: dict[tuple[str, str, bool, int], Path] = {}
+    cache: dict[tuple[str, str, bool, int, bool], Path] = {}
     folder = tmp_path_factory.mktemp("hf-exports")
 
-    def get(family: str, attn: str, dynamo: bool = True, opset: int = 14) -> Path:
-        key = (family, attn, dynamo, opset)
+    def get(family: str, attn: str, dynamo: bool = True, opset: int = 14, dynamic: bool = False) -> Path:
+        key = (family, attn, dynamo, opset, dynamic)
         if key not in cache:
-            path = folder / f"{family}-{attn}-{'dynamo' if dynamo else f'legacy{opset}'}.onnx"
-            cache[key] = export_hf(family, attn, path, dynamo, opset)
+            path = folder / f"{family}-{attn}-{'dynamo' if dynamo else f'legacy{opset}'}{'-dynamic' * dynamic}.onnx"
+            cache[key] = export_hf(family, attn, path, dynamo, opset, dynamic)
         return cache[key]
 
     return get

@@ -170,6 +170,22 @@ def test_hf_legacy_exports_fuse_on_every_layer(hf_exports, family, attn, opset):
     check_export_fuses_every_layer(hf_exports(family, attn, dynamo=False, opset=opset), RULE, 2, "MultiHeadAttention")
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("binding", [(2, 8), (1, 8)])
+def test_hf_export_with_symbolic_batch_and_seq(hf_exports, attn, binding):
+    # the rule sees the --input-shape binding; the fused model must still run at other batch and seq sizes
+    model = onnx.load(str(hf_exports("bert", attn, dynamic=True)))
+    names = [i.name for i in model.graph.input]
+    graph = load_graph(model, {n: binding for n in names})
+    fused, count = fuse_everywhere(graph, RULE)
+    assert count == 2
+    exported = to_model(fused, fold_constants=True)
+    assert [i.type for i in exported.graph.input] == [i.type for i in model.graph.input]
+    for shape in [(2, 8), (1, 13), (3, 5)]:
+        report = verify_models(model, exported, input_shapes={n: shape for n in names}, tolerance=Tolerance(1e-4, 1e-4))
+        assert report.ok, (shape, report.to_dict())
+
+
 def test_hf_gpt2_becomes_unidirectional(hf_exports):
     fused, _ = fuse_everywhere(load_graph(onnx.load(str(hf_exports("gpt2", "sdpa")))), RULE)
     assert all(n.attr("unidirectional") == 1 for n in fused.by_op("MultiHeadAttention"))
