@@ -3,8 +3,8 @@
 `ort_transformer_fusions`: onnxruntime.transformers' fusions (SkipLayerNormalization, BiasGelu, Attention
 where it recognises the export, ...) for a detected or given model type. Graph-level optimisations stay
 onnxruntime's session job, so its optimizer runs at opt_level 0 (its Python fusions only) unless asked.
-onnxruntime's optimizer crashes on some exports (IndexError on torch dynamo GPT-2): a crash is a warning
-and the model comes back unchanged.
+onnxruntime's optimizer crashes on some exports (IndexError on torch dynamo GPT-2): a crash is a warning,
+bert's generic fusions are tried instead, and if those crash too the model comes back unchanged.
 
 `float16_stage`: onnxruntime.transformers.float16.convert_float_to_float16 with keep_io_types, and
 `verify_float16` to check it against the fp32 model at fp16 tolerances.
@@ -46,6 +46,10 @@ class OrtFusionOptions:
     num_heads: int = 0  # 0: infer from the graph (head-split Reshapes or fused attention), else let ORT detect
     hidden_size: int = 0
     opt_level: int = 0  # 0: onnxruntime's Python fusions only; 1: also its basic session optimisations
+    # Retried when the model type's optimizer crashes: bert's fusions (LayerNorm, SkipLayerNorm, Gelu) are
+    # generic, and its attention fusion finds nothing it does not recognise (GPT-2 dynamo exports: FastGelu
+    # and SkipLayerNormalization, where the gpt2 optimizer raises IndexError). None: no retry.
+    fallback_model_type: str | None = "bert"
     use_gpu: bool = False
 
 
@@ -179,9 +183,37 @@ def ort_transformer_fusions(model: onnx.ModelProto, options: OrtFusionOptions = 
     heads, hidden = options.num_heads, options.hidden_size
     if not heads or not hidden:
         heads, hidden = infer_attention_dims(model)
+    outcome = _run_optimizer(optimize_model, model, model_type, heads, hidden, options)
+    if isinstance(outcome, str):
+        warning = f"onnxruntime's {model_type} optimizer failed ({outcome})"
+        fallback = options.fallback_model_type
+        if not fallback or fallback == model_type:
+            return StageResult(model, False, "onnxruntime fusions not applied", warning + "; model unchanged")
+        retried = _run_optimizer(optimize_model, model, fallback, heads, hidden, options)
+        if isinstance(retried, str):
+            warning += f"; its {fallback} optimizer failed too ({retried}); model unchanged"
+            return StageResult(model, False, "onnxruntime fusions not applied", warning)
+        result, stats = retried
+        warning += f"; its {fallback} fusions were applied instead"
+        model_type = fallback
+    else:
+        result, stats = outcome
+        warning = ""
+    before, after = _op_counts(model), _op_counts(result)
+    fused = {op: after[op] - before.get(op, 0) for op, count in sorted(stats.items())
+             if count and after[op] > before.get(op, 0)}
+    summary = ", ".join(f"{n} {op}" for op, n in fused.items()) or "nothing fused"
+    note = f"onnxruntime {model_type} fusions (heads {heads or 'auto'}): {summary}; nodes {len(model.graph.node)} -> " \
+           f"{len(result.graph.node)}"
+    changed = bool(fused) or len(result.graph.node) != len(model.graph.node)
+    return StageResult(result, changed, note, warning, fused)
+
+
+def _run_optimizer(optimize_model, model: onnx.ModelProto, model_type: str, heads: int, hidden: int,
+                   options: OrtFusionOptions) -> tuple[onnx.ModelProto, dict[str, int]] | str:
+    """(optimized copy, fused-op statistics), or the one-line reason onnxruntime's optimizer failed."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    before = _op_counts(model)
     try:
         with _quiet_onnxruntime_transformers(), tempfile.TemporaryDirectory(prefix="xrlflow-ort-") as folder:
             source: onnx.ModelProto | str = work
@@ -198,16 +230,9 @@ def ort_transformer_fusions(model: onnx.ModelProto, options: OrtFusionOptions = 
             stats = optimized.get_fused_operator_statistics()
             result = optimized.model
     except Exception as exc:  # onnxruntime's optimizer is third-party code: any crash means "no fusions"
-        warning = f"onnxruntime's {model_type} optimizer failed ({type(exc).__name__}: {first_line(exc)}); model unchanged"
-        return StageResult(model, False, "onnxruntime fusions not applied", warning)
+        return f"{type(exc).__name__}: {first_line(exc)}"
     ensure_contrib_import(result)
-    after = _op_counts(result)
-    fused = {op: after[op] - before.get(op, 0) for op, count in sorted(stats.items())
-             if count and after[op] > before.get(op, 0)}
-    summary = ", ".join(f"{n} {op}" for op, n in fused.items()) or "nothing fused"
-    note = f"onnxruntime {model_type} fusions (heads {heads or 'auto'}): {summary}; nodes {len(model.graph.node)} -> " \
-           f"{len(result.graph.node)}"
-    return StageResult(result, bool(fused) or len(result.graph.node) != len(model.graph.node), note, fused=fused)
+    return result, stats
 
 
 def float16_stage(model: onnx.ModelProto, keep_io_types: bool = True) -> StageResult:
