@@ -37,6 +37,8 @@ from xrlflow.rules.move_scale_across_matmul import MoveScaleIntoMatMul, MoveScal
 from xrlflow.rules.matmul_add_to_gemm import GemmToMatMulAdd, MatMulAddToGemm
 from xrlflow.rules.compose_reshapes import CancelIdentityReshape, ComposeReshapes
 from xrlflow.rules.move_scale_across_reshape import MoveScaleAfterReshape, MoveScaleBeforeReshape
+from xrlflow.rules.fuse_multihead_attention import FuseMultiHeadAttention
+from xrlflow.rules.fuse_packed_qkv_attention import FusePackedQkvAttention
 from xrlflow.engine import RewriteEngine, Rule
 from xrlflow.errors import BadInputError
 from xrlflow.names import did_you_mean
@@ -109,6 +111,9 @@ RULES: tuple[Rule, ...] = (
     CancelIdentityReshape(),
     MoveScaleBeforeReshape(),
     MoveScaleAfterReshape(),
+    # attention fusions into onnxruntime's contrib ops (com.microsoft)
+    FuseMultiHeadAttention(),
+    FusePackedQkvAttention(),
 )
 
 

@@ -465,15 +465,16 @@ class GraphEdit:
         inputs: Iterable[str],
         output_types: Iterable[TensorType],
         attributes: tuple[tuple[str, Any], ...] = (),
+        domain: str = "",
     ) -> list[str]:
-        """Add a node; returns the names of its (new) outputs."""
+        """Add a node (of `domain`, "" for the default one); returns the names of its (new) outputs."""
         node_name = self._fresh(op_type)
         outputs = []
         for i, t in enumerate(output_types):
             value = f"{node_name}_{i}"
             self.new_types[value] = t
             outputs.append(value)
-        self.added.append(Node(node_name, op_type, tuple(inputs), tuple(outputs), attributes, origin=self.origin))
+        self.added.append(Node(node_name, op_type, tuple(inputs), tuple(outputs), attributes, domain, origin=self.origin))
         return outputs
 
     def add1(self, op_type: str, inputs: Iterable[str], output_type: TensorType, **attributes: Any) -> str:

@@ -20,6 +20,7 @@ MIN_OPSET = 13
 # Constant subgraphs that rewrites create are folded on export, except ops that can blow a tiny input up into
 # a large tensor (the artifact must never grow by more than what was merged).
 NEVER_FOLD = frozenset({"Tile", "Expand", "ConstantOfShape", "Range"})
+CONTRIB_OPSET_VERSIONS = {"com.microsoft": 1}  # opset version imported when a rewrite adds an op of that domain
 _LARGE_TENSOR_BYTES = 1 << 16
 # Protobuf cannot serialise a message of 2 GiB or more; past this estimate a model is only written with its
 # weights in external data, and onnxruntime is handed a file path, never bytes.
@@ -583,9 +584,15 @@ def to_model(graph: Graph, fold_constants: bool = False) -> onnx.ModelProto:
     g = onnx.helper.make_graph(
         node_protos, ctx.graph_name or "xrlflow", list(ctx.input_protos), outputs,
         initializer=initializers + live_folded, doc_string=ctx.graph_doc_string or None,
+        value_info=_contrib_value_info(graph, set(graph.outputs)),
     )
+    imports = dict(ctx.opset_imports)
+    for node in graph.nodes.values():
+        # a rewrite that introduced an operator of another domain (com.microsoft contrib ops) imports it
+        if node.domain not in ("", "ai.onnx"):
+            imports.setdefault(node.domain, CONTRIB_OPSET_VERSIONS.get(node.domain, 1))
     model = onnx.helper.make_model(
-        g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in ctx.opset_imports],
+        g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in imports.items()],
         producer_name=ctx.producer_name, producer_version=ctx.producer_version,
     )
     model.ir_version = ctx.ir_version
@@ -599,6 +606,22 @@ def to_model(graph: Graph, fold_constants: bool = False) -> onnx.ModelProto:
         entry.key, entry.value = key, value
     model.functions.extend(ctx.functions)
     return model
+
+
+def _contrib_value_info(graph: Graph, skip: set[str]) -> list[onnx.ValueInfoProto]:
+    """Types of the outputs of ops outside the default domain: onnx's shape inference has no schema for
+    them, so without these a re-loaded model would lose every shape downstream of a contrib op."""
+    infos = []
+    for node in graph.nodes.values():
+        if node.domain in ("", "ai.onnx"):
+            continue
+        for v in node.outputs:
+            t = graph.types.get(v)
+            if not v or v in skip or t is None or t.shape is None:
+                continue
+            dims = [f"{v}_dim{i}" if graph.dim_is_bound(v, i) else d for i, d in enumerate(t.shape)]
+            infos.append(onnx.helper.make_tensor_value_info(v, t.dtype, dims))
+    return infos
 
 
 def _fold_rewrite_constants(graph: Graph, order: list[str]) -> dict[str, np.ndarray]:
