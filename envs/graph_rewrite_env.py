@@ -43,7 +43,7 @@ from xrlflow.engine import Match, RewriteEngine
 from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFeaturizer, node_feature_size
 from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import Graph
-from xrlflow.latency import Latency, LatencyService
+from xrlflow.latency import Latency, LatencyService, NodeCosts
 
 ENV_ID = "xrlflow/GraphRewrite-v0"
 FEATURE_BOUND = 64.0  # features are log-scaled and non-negative (see features.py); far above any real value
@@ -58,6 +58,9 @@ class EnvConfig:
     max_steps: int = 50  # rewrites per episode before truncation
     failure_penalty: float = -10.0  # reward when the latency service fails on a rewritten graph
     op_vocabulary: tuple[str, ...] = field(default=DEFAULT_OP_VOCABULARY)
+    # Fill the per-node cost column from the latency service's `node_costs` (when it has them, see
+    # `xrlflow.latency.NodeCosts`). Checkpoints written before the column was filled trained on zeros.
+    node_costs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "max_edges", "max_candidates", "max_bound", "max_steps"):
@@ -84,6 +87,7 @@ class EnvConfig:
         if unknown:
             raise BadInputError(f"unknown env config field(s): {', '.join(unknown)}")
         values = dict(d)
+        values.setdefault("node_costs", False)  # a run.json from before the field: the column was always 0
         if "op_vocabulary" in values:
             values["op_vocabulary"] = tuple(values["op_vocabulary"])
         return EnvConfig(**values)
@@ -120,15 +124,6 @@ def select_candidates(matches: Sequence[Match], limit: int, rule_order: Mapping[
     return [matches[i] for i in sorted(chosen)]
 
 
-def _latency_is_measured(service: LatencyService) -> bool:
-    """A service is deterministic when it says so (`deterministic = True`) or names itself a cost model
-    (`xrlflow.costmodel.CostModel` is "cost-model:<profile>..."); anything else counts as a noisy measurement."""
-    declared = getattr(service, "deterministic", None)
-    if declared is not None:
-        return not declared
-    return not str(getattr(service, "name", "")).startswith("cost-model")
-
-
 class GraphRewriteEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
@@ -163,7 +158,7 @@ class GraphRewriteEnv(gym.Env):
         self.observation_space = observation_space(self.config, len(engine.rules))
         self.action_space = spaces.Discrete(self.config.max_candidates + 1)
         self._initial_latency: dict[int, Latency] = {}
-        self._node_costs = getattr(latency, "node_costs", None)  # optional: graph -> {node name: ms}
+        self._node_costs = latency.node_costs if self.config.node_costs and isinstance(latency, NodeCosts) else None
         self.model_index = 0
         self.graph: Graph = self.graphs[0]
         self.best_graph: Graph = self.graph
@@ -182,7 +177,7 @@ class GraphRewriteEnv(gym.Env):
 
     @spec.setter
     def spec(self, value) -> None:
-        if value is not None and _latency_is_measured(self.latency_service) and not value.nondeterministic:
+        if value is not None and not self.latency_service.deterministic and not value.nondeterministic:
             value = dataclasses.replace(value, nondeterministic=True)
         self.__dict__["_spec"] = value
 

@@ -65,8 +65,9 @@ def test_registered_and_spec_determinism():
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
 
-    class Measured:  # stands for a measured service: no `deterministic`, not a cost model
+    class Measured:  # stands for a measured service
         name = "measured:cpu"
+        deterministic = False
 
         def latency(self, graph):
             return Latency(1.0, 0.9, 1.1, 10, "measured")

@@ -290,6 +290,8 @@ def _latency_from_samples(samples: np.ndarray, session_medians: tuple[float, ...
 class MeasuredLatency:
     """The measured `LatencyService`: onnxruntime end-to-end latency in a reusable worker, cached."""
 
+    deterministic = False
+
     def __init__(self, config: MeasureConfig = MeasureConfig(), cache: LatencyCache | None = None) -> None:
         self.config = config
         version, providers = ort_info()

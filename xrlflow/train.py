@@ -380,12 +380,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from xrlflow.cli import _Parser, run
+    from xrlflow.cli_options import OneLineParser, run_handler
 
-    parser = _Parser(prog="train.py", description="Train a rewrite policy (MaskablePPO, GNN) on zoo models")
+    parser = OneLineParser(prog="train.py", description="Train a rewrite policy (MaskablePPO, GNN) on zoo models")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run(run_train, args)
+    return run_handler(run_train, args)
 
 
 if __name__ == "__main__":
