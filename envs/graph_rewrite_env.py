@@ -44,6 +44,7 @@ from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFea
 from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import Graph
 from xrlflow.latency import Latency, LatencyService, NodeCosts
+from xrlflow.trajectory import SearchState
 
 ENV_ID = "xrlflow/GraphRewrite-v0"
 FEATURE_BOUND = 64.0  # features are log-scaled and non-negative (see features.py); far above any real value
@@ -161,8 +162,7 @@ class GraphRewriteEnv(gym.Env):
         self._node_costs = latency.node_costs if self.config.node_costs and isinstance(latency, NodeCosts) else None
         self.model_index = 0
         self.graph: Graph = self.graphs[0]
-        self.best_graph: Graph = self.graph
-        self.best_latency: Latency | None = None
+        self._episode: SearchState | None = None  # this episode's best graph and the path to it
         self.current_latency: Latency | None = None
         self.steps = 0
         self.episode_done = True
@@ -184,6 +184,14 @@ class GraphRewriteEnv(gym.Env):
     @property
     def model_name(self) -> str:
         return self.model_names[self.model_index]
+
+    @property
+    def best_graph(self) -> Graph:
+        return self._episode.best if self._episode is not None else self.graph
+
+    @property
+    def best_latency(self) -> Latency | None:
+        return self._episode.best_latency if self._episode is not None else None
 
     @property
     def applied(self) -> list[Match]:
@@ -226,7 +234,7 @@ class GraphRewriteEnv(gym.Env):
         self.model_index = index
         self.graph = self.graphs[index]
         self.current_latency = self._initial(index)
-        self.best_graph, self.best_latency = self.graph, self.current_latency
+        self._episode = SearchState(self.graph, self.current_latency)
         self.steps = 0
         self.episode_done = False
         self._applied = []
@@ -264,8 +272,7 @@ class GraphRewriteEnv(gym.Env):
         self.graph, self.current_latency = new_graph, lat
         self._applied.append(match)
         self.steps += 1
-        if lat.ms < self.best_latency.ms:
-            self.best_graph, self.best_latency = new_graph, lat
+        self._episode.offer(new_graph, lat, self._applied)
         self._refresh_candidates()
         terminated = not self._candidates
         truncated = not terminated and self.steps >= self.config.max_steps
