@@ -39,6 +39,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from xrlflow.cli_options import option
 from xrlflow.engine import Match, RewriteEngine
 from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFeaturizer, node_feature_size
 from xrlflow.errors import BadInputError, GraphError
@@ -54,9 +55,9 @@ FEATURE_BOUND = 64.0  # features are log-scaled and non-negative (see features.p
 class EnvConfig:
     max_nodes: int = 2048
     max_edges: int = 4096
-    max_candidates: int = 256
+    max_candidates: int = option("candidate slots per step (default 256)", 256, kind=int)
     max_bound: int = 8  # bound nodes shown per candidate
-    max_steps: int = 50  # rewrites per episode before truncation
+    max_steps: int = option("rewrites per episode", 50, kind=int)  # before truncation
     failure_penalty: float = -10.0  # reward when the latency service fails on a rewritten graph
     op_vocabulary: tuple[str, ...] = field(default=DEFAULT_OP_VOCABULARY)
     # Fill the per-node cost column from the latency service's `node_costs` (when it has them, see

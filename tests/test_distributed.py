@@ -297,11 +297,11 @@ def ray_vecenv_training_matches_dummy_vecenv(cluster):
 
 def ray_train_cli_with_measured_rewards_on_the_pool(cluster, tmp_path):
     from xrlflow.distributed import MeasurementPool
-    from xrlflow.train import TrainConfig, train
+    from xrlflow.train import EnvConfig, PolicyConfig, TrainConfig, train
 
     pool_config = _quick_pool_config(tmp_path, workers=2)
-    cfg = TrainConfig(models=("pair",), steps=32, num_envs=2, n_steps=8, batch_size=16, n_epochs=1, hidden=16,
-                      layers=2, max_steps=3, max_candidates=8, checkpoint_every=32, run_name="ray",
+    cfg = TrainConfig(models=("pair",), steps=32, num_envs=2, n_steps=8, batch_size=16, n_epochs=1,
+                      policy=PolicyConfig(hidden=16, layers=2), env=EnvConfig(max_steps=3, max_candidates=8), checkpoint_every=32, run_name="ray",
                       runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(tmp_path / "ck"), progress=False,
                       ray_address=cluster.address)
     with MeasurementPool(pool_config) as pool:

@@ -11,38 +11,40 @@ from xrlflow.cli_options import OneLineParser, run_handler
 
 # Subcommands live next to what they drive; each module has `add_cli(subparsers)` which registers its
 # parser(s) with `set_defaults(handler=...)`, the handler taking the parsed args and returning an exit code.
-# None of them imports torch at import time; the zoo (PyTorch model definitions) is imported only for `zoo`.
+# These import no torch; the commands below them do (PyTorch models, the policy) and are imported only when
+# they are the command being run (the help lists them all).
 COMMAND_MODULES = (
     "xrlflow.rules_cli",
     "xrlflow.measure_cli",
     "xrlflow.optimize_cli",
-    "xrlflow.train",
 )
-ZOO_HELP = "the benchmark model zoo: list the models, export one to ONNX"
+TORCH_COMMANDS = {
+    "train": ("xrlflow.train", "train a rewrite policy (MaskablePPO, GNN) on zoo models"),
+    "zoo": ("xrlflow.zoo", "the benchmark model zoo: list the models, export one to ONNX"),
+}
 
 
-def _add_zoo(sub: argparse._SubParsersAction, command: str | None) -> None:
-    if command != "zoo":  # listed in the help without importing torch
-        sub.add_parser("zoo", help=ZOO_HELP, add_help=False)
+def _add_torch_command(sub: argparse._SubParsersAction, name: str, command: str | None) -> None:
+    module_name, help_text = TORCH_COMMANDS[name]
+    if command != name:
+        sub.add_parser(name, help=help_text, add_help=False)
         return
-    from xrlflow.zoo import add_zoo_cli, run_zoo_cli
+    module = importlib.import_module(module_name)
+    if name == "zoo":
+        module.add_zoo_cli(sub).set_defaults(handler=module.run_zoo_cli)
+    else:
+        module.add_cli(sub)
 
-    add_zoo_cli(sub).set_defaults(handler=run_zoo_cli)
 
-
-def build_parser(command: str | None = "zoo") -> argparse.ArgumentParser:
-    """The parser; `command` is the subcommand about to be parsed (only `zoo` needs its full parser)."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `command` is the subcommand about to be parsed (a torch command gets its full parser only
+    then)."""
     parser = OneLineParser(prog="xrlflow", description="Reinforcement-learning graph superoptimizer for ONNX models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # a subcommand not built in this checkout
-            raise
-        module.add_cli(sub)
-    _add_zoo(sub, command)
+        importlib.import_module(module_name).add_cli(sub)
+    for name in TORCH_COMMANDS:
+        _add_torch_command(sub, name, command)
     return parser
 
 

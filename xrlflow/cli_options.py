@@ -26,6 +26,7 @@ class Option:
     metavar: str | None = None
     repeat: bool = False  # the flag may be given several times (a list of values)
     negate: bool = False  # a bool field set False by a store_true flag (--no-...)
+    switch: bool = False  # a bool field set True by a store_true flag
     group: str | None = None  # fields of one required mutually exclusive group
 
 
@@ -66,9 +67,11 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
                 groups[opt.group] = parser.add_mutually_exclusive_group(required=True)
             target = groups[opt.group]
         kwargs: dict[str, Any] = {"help": opt.help, "dest": dest(f)}
-        if opt.negate:
+        if opt.negate or opt.switch:
             kwargs["action"] = "store_true"
         else:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                kwargs["required"] = True
             if opt.repeat:
                 kwargs["action"] = "append"
             elif opt.group is None and f.default is not dataclasses.MISSING and not opt.read:

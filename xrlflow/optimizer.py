@@ -323,4 +323,4 @@ def _verify(
     return (verification, feeds, entry) if other.ok else (other, other_feeds, entry)
 
 
-__all__ = ["OptimizeConfig", "OptimizeResult", "VerificationError", "optimize", "search_with_policy"]
+__all__ = ["OptimizeConfig", "OptimizeResult", "SearchConfig", "VerificationError", "optimize", "search_with_policy"]

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from xrlflow.atomic import write_bytes
+from xrlflow.atomic import replacing, write_bytes
 
 if TYPE_CHECKING:
     import onnx
@@ -151,7 +151,8 @@ def plot_latency_history(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda handle: fig.savefig(handle, format=Path(path).suffix.lstrip(".") or "png", dpi=120))
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
 
 
@@ -182,7 +183,8 @@ def plot_speedup_bars(
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _atomic_write(path, lambda handle: fig.savefig(handle, format=Path(path).suffix.lstrip(".") or "png", dpi=120))
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
 
 
