@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from xrlflow.measure import MeasureConfig, MeasuredLatency
     from xrlflow.latency import make_latency_service
 
-    config = MeasureConfig(
+    config = MeasureConfig.create(
         device=args.device, max_seconds=args.max_seconds, target_rel_ci=args.target_rel_ci,
         intra_op_threads=args.threads,
     )

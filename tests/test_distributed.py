@@ -135,7 +135,7 @@ def cluster():
 def _quick_pool_config(tmp_path: Path, **overrides) -> "PoolConfig":  # noqa: F821
     from xrlflow.distributed import PoolConfig
 
-    measure = MeasureConfig(cache_path=str(tmp_path / "latency.sqlite"), **QUICK_PLAN)
+    measure = MeasureConfig.create(cache_path=str(tmp_path / "latency.sqlite"), **QUICK_PLAN)
     return PoolConfig(measure=measure, **overrides)
 
 

@@ -85,7 +85,7 @@ def make_latency_service(kind: str, device: str) -> LatencyService:
     if kind == "measured":
         from xrlflow.measure import MeasureConfig, MeasuredLatency
 
-        return MeasuredLatency(MeasureConfig(device=device))
+        return MeasuredLatency(MeasureConfig.create(device=device))
     from xrlflow.costmodel import CostModel
 
     # The GPU profile is the H200, with its per-kernel table measured by bench/gpu.sh (bundled).

@@ -258,7 +258,8 @@ def plain_cuda_if_uncapturable(service: LatencyService, graph: Graph, make_plain
 def _plain_cuda_service(service: Any) -> LatencyService:
     from xrlflow.measure import MeasuredLatency
 
-    return MeasuredLatency(dataclasses.replace(service.config, cuda_graph=False))
+    config = service.config
+    return MeasuredLatency(dataclasses.replace(config, session=dataclasses.replace(config.session, cuda_graph=False)))
 
 
 def _search(config: OptimizeConfig, graph: Graph, engine: RewriteEngine, service: LatencyService) -> SearchResult:

@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, resume: bool = False, graphs=None, latency=None) -> 
         if latency is not None or cfg.latency != "measured":
             return _train_with(cfg, resume, previous, graphs, latency if latency is not None else make_latency_service(cfg.latency, cfg.device))
         # the measured service on a Ray measurement pool (one actor per GPU on cuda)
-        with MeasurementPool(PoolConfig(MeasureConfig(device=cfg.device), workers=cfg.measure_workers)) as pool:
+        with MeasurementPool(PoolConfig(MeasureConfig.create(device=cfg.device), workers=cfg.measure_workers)) as pool:
             return _train_with(cfg, resume, previous, graphs, pool.client)
 
 
