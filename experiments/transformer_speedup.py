@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown zoo model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
 
     from xrlflow.measure import MeasureConfig, MeasuredLatency
-    from xrlflow.latency import make_latency_service
+    from xrlflow.services import make_latency_service
 
     config = MeasureConfig.create(
         device=args.device, max_seconds=args.max_seconds, target_rel_ci=args.target_rel_ci,

@@ -2,7 +2,7 @@
 
 Implementations: `xrlflow.measure.MeasuredLatency` (onnxruntime, cached), `xrlflow.costmodel.CostModel`
 (per-op tables or an analytic FLOP/byte estimate), `xrlflow.distributed.PoolClient` (a Ray pool).
-Callers never import onnxruntime themselves.
+Callers never import onnxruntime themselves; `xrlflow.services.make_latency_service` builds one.
 
 Every service has `name`, `deterministic` and `latency(graph)`. What a service can do besides is a small
 capability protocol, checked with `isinstance`: `ComparesGraphs` (interleaved A/B timing), `Closable`
@@ -18,10 +18,6 @@ from xrlflow.ir import Graph
 
 if TYPE_CHECKING:
     from xrlflow.measure import Comparison
-
-LATENCY_KINDS = ("measured", "cost")  # `--latency`: onnxruntime timing, or the cost model
-DEVICES = ("cpu", "cuda")
-
 
 @dataclass(frozen=True)
 class Latency:
@@ -77,16 +73,3 @@ def close_service(service: Any) -> None:
     """Release what a service holds (nothing for a cost model)."""
     if isinstance(service, Closable):
         service.close()
-
-
-def make_latency_service(kind: str, device: str) -> LatencyService:
-    """The measured service (onnxruntime, cached) or the cost model, for one device; `xrlflow optimize` and
-    `xrlflow train` both build their service here."""
-    if kind == "measured":
-        from xrlflow.measure import MeasureConfig, MeasuredLatency
-
-        return MeasuredLatency(MeasureConfig.create(device=device))
-    from xrlflow.costmodel import CostModel
-
-    # The GPU profile is the H200, with its per-kernel table measured by bench/gpu.sh (bundled).
-    return CostModel.for_device("h200" if device == "cuda" else "cpu")

@@ -25,7 +25,8 @@ from xrlflow.cli_options import option
 from xrlflow.engine import RewriteEngine, prepare_for_search
 from xrlflow.errors import BadInputError, GraphError, XrlflowError
 from xrlflow.ir import Graph
-from xrlflow.latency import DEVICES, LATENCY_KINDS, LatencyService, close_service, make_latency_service
+from xrlflow.latency import LatencyService, close_service
+from xrlflow.services import DEVICES, LATENCY_KINDS, make_latency_service
 from xrlflow.onnx_io import fits_in_protobuf, load_graph, parse_input_shapes, read_model, to_model
 from xrlflow.report import build_report, latency_section
 from xrlflow.search import SEARCH_METHODS, SearchConfig, SearchResult, policy_search, run_search

@@ -285,7 +285,7 @@ def build_report(**parts: Any) -> dict[str, Any]:
     """The JSON report of one `xrlflow.optimize` run, from its parts (see the keys read below)."""
     import datetime
 
-    from xrlflow import __version__
+    from xrlflow.version import __version__
     from xrlflow.onnx_io import weight_bytes
 
     config, result, model, optimised = parts["config"], parts["result"], parts["model"], parts["optimised"]

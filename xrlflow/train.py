@@ -23,7 +23,7 @@ from xrlflow.agents.gnn_policy import PolicyConfig
 from xrlflow.cli_options import OneLineParser, add_options, config_from, option, run_handler
 from xrlflow.envs import EnvConfig
 from xrlflow.errors import BadInputError
-from xrlflow.latency import DEVICES, LATENCY_KINDS, make_latency_service
+from xrlflow.services import DEVICES, LATENCY_KINDS, make_latency_service
 
 
 def _model_list(text: str) -> tuple[str, ...]:
