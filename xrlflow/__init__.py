@@ -31,7 +31,7 @@ def optimize(model_or_path: "str | Any | onnx.ModelProto", *, output: str | None
     from xrlflow.optimize_cli import write_result
     from xrlflow.optimizer import OptimizeConfig, optimize as run
 
-    unknown = sorted(set(options) - option_names(OptimizeConfig) - {"no_progress"})
+    unknown = sorted(set(options) - option_names(OptimizeConfig))
     if unknown:
         raise BadInputError(f"unknown option(s) {', '.join(unknown)}; xrlflow.optimize takes {', '.join(sorted(option_names(OptimizeConfig)))}")
     result = run(model_or_path, config_from(OptimizeConfig, {"no_progress": True, **options}))

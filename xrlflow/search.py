@@ -1,7 +1,8 @@
-"""Search baselines over the rewrite engine: greedy, cost-based backtracking (TASO-style) and random rollouts.
+"""Searches over the rewrite engine: greedy, cost-based backtracking (TASO-style), random rollouts, and a
+trained policy's rollouts (`policy_search`, handed the policy's `choose`; this module never imports agents).
 
-All three use the same rule set (a `RewriteEngine`) and the same `LatencyService` as the RL agent, so their
-results compare directly. Each returns a `SearchResult` with the best graph found, the sequence of matches
+All of them use the same rule set (a `RewriteEngine`) and the same `LatencyService`, so their results compare
+directly, and keep their incumbent, history and seen set in a `trajectory.SearchState`. Each returns a `SearchResult` with the best graph found, the sequence of matches
 that leads from the input to it (replayable with `RewriteEngine.apply_sequence`: rewrites name new nodes
 deterministically), a latency trace per step, and the time split between deciding (matching, applying,
 hashing) and asking the latency service.
