@@ -198,8 +198,8 @@ def ray_killed_measurement_actor_is_replaced_and_graph_resubmitted(cluster, tmp_
 
     # Each measurement runs its full 1.5 s, so the kill lands while graphs are in flight.
     config = _quick_pool_config(tmp_path, workers=2, gpu_per_worker=True)
-    config = dataclasses.replace(config, measure=dataclasses.replace(
-        config.measure, min_runs=10**6, max_runs=10**6, max_seconds=1.5))
+    config = dataclasses.replace(config, measure=dataclasses.replace(config.measure, plan=dataclasses.replace(
+        config.measure.plan, min_runs=10**6, max_runs=10**6, max_seconds=1.5)))
     graphs = _graphs()
     with MeasurementPool(config) as pool:
         before = {w.actor_id for w in pool.workers()}
