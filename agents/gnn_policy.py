@@ -28,8 +28,8 @@ from xrlflow.cli_options import option
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    hidden: int = option("width of the GNN and the scorer (default 64)", 64, kind=int)
-    layers: int = option("GINEConv layers (default 4)", 4, kind=int)
+    hidden: int = option("width of the GNN and the scorer", 64, kind=int)
+    layers: int = option("GINEConv layers", 4, kind=int)
     rule_embedding: int = 16
 
     def to_dict(self) -> dict[str, Any]:

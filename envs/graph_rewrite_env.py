@@ -55,7 +55,7 @@ FEATURE_BOUND = 64.0  # features are log-scaled and non-negative (see features.p
 class EnvConfig:
     max_nodes: int = 2048
     max_edges: int = 4096
-    max_candidates: int = option("candidate slots per step (default 256)", 256, kind=int)
+    max_candidates: int = option("candidate slots per step", 256, kind=int)
     max_bound: int = 8  # bound nodes shown per candidate
     max_steps: int = option("rewrites per episode", 50, kind=int)  # before truncation
     failure_penalty: float = -10.0  # reward when the latency service fails on a rewritten graph

@@ -66,7 +66,11 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
             if opt.group not in groups:
                 groups[opt.group] = parser.add_mutually_exclusive_group(required=True)
             target = groups[opt.group]
-        kwargs: dict[str, Any] = {"help": opt.help, "dest": dest(f)}
+        help_text = opt.help
+        shown = not (opt.negate or opt.switch or opt.repeat or opt.group) and f.default not in (dataclasses.MISSING, None)
+        if shown:  # the default is the field's, never written out a second time
+            help_text += f" (default {f.default})"
+        kwargs: dict[str, Any] = {"help": help_text, "dest": dest(f)}
         if opt.negate or opt.switch:
             kwargs["action"] = "store_true"
         else:

@@ -83,8 +83,8 @@ def parse_tolerances(specs: Any) -> dict[str, Tolerance]:
 class OptimizeConfig:
     policy: str | None = option("a trained policy checkpoint (checkpoints/RUN)", None, group="how")
     search: str | None = option("a search baseline instead of a policy", "greedy", choices=SEARCH_METHODS, group="how")
-    device: str = option("device to optimise for (default cpu)", "cpu", choices=DEVICES)
-    latency: str = option("latency service (default measured)", "measured", choices=LATENCY_KINDS)
+    device: str = option("device to optimise for", "cpu", choices=DEVICES)
+    latency: str = option("latency service", "measured", choices=LATENCY_KINDS)
     search_config: SearchConfig = SearchConfig()  # steps, rollouts, budget, alpha, seed
     input_shapes: Mapping[str, tuple[int, ...]] = option(
         "bind an input's shape, e.g. input_ids=1x128", default_factory=dict, flag="--input-shape",

@@ -34,10 +34,10 @@ SEARCH_METHODS = ("greedy", "backtrack", "random")
 
 @dataclass(frozen=True)
 class SearchConfig:
-    steps: int = option("most rewrites on one path (default 50)", 50, kind=int)  # greedy steps, rollout length, backtracking depth
-    rollouts: int = option("policy: sampled rollouts besides the greedy one; random search: rollouts (default 4)", 4, kind=int)
-    budget: int = option("backtrack search: graphs expanded (default 100)", 100, kind=int)  # each expansion evaluates all its matches
-    alpha: float = option("backtrack search: relaxation factor (default 1.05)", 1.05, kind=float)  # keep graphs within alpha x the best
+    steps: int = option("most rewrites on one path", 50, kind=int)  # greedy steps, rollout length, backtracking depth
+    rollouts: int = option("policy: sampled rollouts besides the greedy one; random search: rollouts", 4, kind=int)
+    budget: int = option("backtrack search: graphs expanded", 100, kind=int)  # each expansion evaluates all its matches
+    alpha: float = option("backtrack search: relaxation factor", 1.05, kind=float)  # keep graphs within alpha x the best
     min_improvement: float = 0.0  # relative gain a step must bring to count as an improvement
     max_candidates: int = 0  # greedy/backtrack: evaluate at most this many matches per graph (0: all)
     seed: int = option("random search, sampled policy rollouts and random verification inputs", 0, kind=int)

@@ -33,16 +33,16 @@ def _model_list(text: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class TrainConfig:
     models: tuple[str, ...] = option("comma-separated zoo models, e.g. bert-base,resnext50", read=_model_list)
-    latency: str = option("reward source (default cost)", "cost", choices=LATENCY_KINDS)
+    latency: str = option("reward source", "cost", choices=LATENCY_KINDS)
     device: str = option("device the reward is for: cpu, or cuda (measured on the GPU, or the bundled H200 table)",
                          "cpu", choices=DEVICES)
     policy_device: str = option("torch device of the policy", "cpu", choices=DEVICES)  # GNN training is small
-    steps: int = option("total env steps (default 20000)", 20_000, kind=int)
+    steps: int = option("total env steps", 20_000, kind=int)
     seed: int = option("seed of PPO, the envs and the model picks", 0, kind=int)
     run_name: str = option("checkpoints/<run-name>/ and runs/<run-name>_N/", "run")
     small: bool = option("the zoo's small variants", False, switch=True)
     num_envs: int = option("environments stepped together", 4, kind=int)
-    learning_rate: float = option("learning rate (default 0.001)", 1e-3, kind=float, flag="--lr")
+    learning_rate: float = option("learning rate", 1e-3, kind=float, flag="--lr")
     n_steps: int = option("env steps per env per PPO rollout", 64, kind=int)
     batch_size: int = option("PPO minibatch size", 64, kind=int)
     n_epochs: int = option("PPO epochs per rollout", 4, kind=int, flag="--epochs")

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Tolerance:
-    rtol: float = option("verification rtol (default 0.0001)", 1e-4, kind=float)
-    atol: float = option("verification atol (default 1e-05)", 1e-5, kind=float)
+    rtol: float = option("verification rtol", 1e-4, kind=float)
+    atol: float = option("verification atol", 1e-5, kind=float)
 
 
 @dataclass
