@@ -12,53 +12,34 @@ registry (BadInputError), and returns a `TrainedPolicy` that runs on observation
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
+from xrlflow.atomic import replacing, write_bytes
 from xrlflow.agents.gnn_policy import CandidateGNNPolicy, CandidateScorer
-from xrlflow.envs import EnvConfig
+from xrlflow.engine import RewriteEngine
+from xrlflow.envs import EnvConfig, GraphRewriteEnv
+from xrlflow.ir import Graph
 from xrlflow.errors import BadInputError
 
 POLICY_FILE = "policy.zip"
 META_FILE = "run.json"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(model: Any, run_dir: str | os.PathLike[str], meta: Mapping[str, Any]) -> Path:
     """Save a MaskablePPO model and its run metadata into run_dir; returns the policy path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".policy.", suffix=".zip")
-    os.close(fd)
-    try:
+    with replacing(run_dir / POLICY_FILE, suffix=".zip") as tmp:
         model.save(tmp)
-        os.replace(tmp, run_dir / POLICY_FILE)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _atomic_write_bytes(run_dir / META_FILE, (json.dumps(dict(meta), indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(run_dir / META_FILE, (json.dumps(dict(meta), indent=2, sort_keys=True) + "\n").encode())
     return run_dir / POLICY_FILE
 
 
@@ -141,6 +122,27 @@ class TrainedPolicy:
         probs = torch.softmax(logits, dim=-1).cpu().numpy()
         return probs[0] if single else probs
 
+    def choose(self, obs: Mapping[str, np.ndarray], masks: np.ndarray, rng: np.random.Generator | None) -> int:
+        """The `xrlflow.search.Choose` of this policy: its most probable action without `rng`, else a sample."""
+        return int(self.act(obs, masks, deterministic=rng is None, rng=rng))
+
+    def env_maker(self, graph: Graph, engine: RewriteEngine, steps: int) -> Callable[[Any], GraphRewriteEnv]:
+        """What `xrlflow.search.policy_search` builds its env with: the trained env config (its op vocabulary
+        fixes the feature layout) padded to fit `graph` alone.
+
+        The policy scores each candidate on its own, so any padding works; room is left for rewrites that add
+        nodes (Concat/Split of merges)."""
+        trained = self.env_config
+        edges = sum(1 for n in graph.nodes.values() for v in n.inputs if v and v in graph.producer)
+        config = dataclasses.replace(
+            trained,
+            max_nodes=max(trained.max_nodes, 2 * len(graph) + 64),
+            max_edges=max(trained.max_edges, 2 * edges + 128),
+            max_candidates=max(trained.max_candidates, len(engine.matches(graph))),
+            max_steps=max(1, steps),
+        )
+        return lambda latency: GraphRewriteEnv([("model", graph)], latency, config, engine)
+
     def act(self, obs: Mapping[str, np.ndarray], masks: np.ndarray, deterministic: bool = True,
             rng: np.random.Generator | None = None) -> int | np.ndarray:
         """The chosen action (slot index, or C for stop) for one observation, or an array for a batch."""
@@ -167,6 +169,11 @@ class TrainedPolicy:
         _, features = self.policy.features_extractor.scores(tensors)  # type: ignore[union-attr]
         v = self.policy.value_net(features).squeeze(-1).cpu().numpy()
         return float(v[0]) if single else v
+
+
+def policy_device(device: str) -> str:
+    """The torch device a policy runs on when optimising for `device`: the GPU when there is one."""
+    return "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
 
 
 def load_policy(path: str | os.PathLike[str], device: str = "cpu", expected_fingerprint: str | None = None) -> TrainedPolicy:

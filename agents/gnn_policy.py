@@ -23,11 +23,13 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 from torch_geometric.nn import GINEConv, global_max_pool, global_mean_pool
 
+from xrlflow.cli_options import option
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    hidden: int = 64
-    layers: int = 4
+    hidden: int = option("width of the GNN and the scorer", 64, kind=int)
+    layers: int = option("GINEConv layers", 4, kind=int)
     rule_embedding: int = 16
 
     def to_dict(self) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{spec}: {len(base.nodes)} nodes, {sum(s.model == spec for s in samples)} distinct graphs", flush=True)
 
     pin = parse_pin_cpu(args.pin_cpu)
-    config = MeasureConfig(device=args.device, max_seconds=args.max_seconds, cache_path=args.cache_path, seed=args.seed,
+    config = MeasureConfig.create(device=args.device, max_seconds=args.max_seconds, cache_path=args.cache_path, seed=args.seed,
                            sessions=args.sessions, pin_cpu=pin, cuda_graph=args.cuda_graph == "on")
     if args.measured_json:
         return offline(args, samples, started)

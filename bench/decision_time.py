@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import xrlflow
     from xrlflow.costmodel import CostModel
     from xrlflow.onnx_io import load_graph
-    from xrlflow.optimizer import OptimizeConfig, policy_search
+    from xrlflow.optimizer import search_with_policy
     from xrlflow.report import markdown_table, write_json, write_text
     from xrlflow.rules import RULE_FINGERPRINT, default_engine
     from xrlflow.search import SearchConfig, run_search
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         runs["greedy"].append(run_search("greedy", graph, engine, service, SearchConfig(steps=args.steps)))
     if policy:
         runs["policy"] = []
-        config = OptimizeConfig(policy=policy, latency="cost", steps=args.steps, rollouts=args.rollouts)
+        config = SearchConfig(steps=args.steps, rollouts=args.rollouts)
         for _ in range(args.repeat):
-            runs["policy"].append(policy_search(policy, graph, engine, CostModel("cpu"), config))
+            runs["policy"].append(search_with_policy(policy, graph, engine, CostModel("cpu"), config))
 
     rows, data = [], {}
     for method, results in runs.items():

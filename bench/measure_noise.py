@@ -62,7 +62,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def noise_rows(graph, model: str, variants: list[tuple[str, dict]], base: dict, repeats: int, tmp: str) -> list[str]:
     """CV of `repeats` fresh measurements per variant, variants interleaved round by round."""
     model_bytes, specs = graph_to_bytes(graph), input_specs(graph)
-    services = [MeasuredLatency(MeasureConfig(**{**base, **over, "cache_path": ""})) for _, over in variants]
+    services = [MeasuredLatency(MeasureConfig.create(**{**base, **over, "cache_path": ""})) for _, over in variants]
     results: list[list] = [[] for _ in variants]
     walls: list[list[float]] = [[] for _ in variants]
     try:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for extra in args.noise_models:
             cv_rows += noise_rows(load_model(extra), extra, variants, base, args.repeats, tmp)
             print("\n".join(cv_rows[-len(variants):]), flush=True)
-        config = MeasureConfig(**{**base, **variants[0][1], "cache_path": str(Path(tmp) / "c.sqlite")})
+        config = MeasureConfig.create(**{**base, **variants[0][1], "cache_path": str(Path(tmp) / "c.sqlite")})
         with MeasuredLatency(config) as service:
             model_bytes, specs = graph_to_bytes(graph), input_specs(graph)
             service.measure_model(model_bytes, specs)  # start the worker outside the numbers

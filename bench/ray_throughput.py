@@ -69,7 +69,7 @@ def measure_width(cfg: BenchConfig, graphs, warmup_graphs, workers: int) -> dict
     from xrlflow.measure import MeasureConfig
 
     with tempfile.TemporaryDirectory() as folder:
-        measure = MeasureConfig(device=cfg.device, warmup_runs=cfg.warmup, min_runs=cfg.runs, max_runs=cfg.runs,
+        measure = MeasureConfig.create(device=cfg.device, warmup_runs=cfg.warmup, min_runs=cfg.runs, max_runs=cfg.runs,
                                 max_seconds=600.0, target_rel_ci=0.0, cache_path=str(Path(folder) / "latency.sqlite"))
         with MeasurementPool(PoolConfig(measure, workers=workers)) as pool:
             pool.latencies(warmup_graphs[:workers])  # one graph per actor: starts every worker process

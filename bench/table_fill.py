@@ -62,7 +62,7 @@ def measure(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    config = MeasureConfig(device=args.device, max_seconds=args.max_seconds, cache_path="")
+    config = MeasureConfig.create(device=args.device, max_seconds=args.max_seconds, cache_path="")
     entries: dict[str, float] = {}
     failures: dict[str, str] = {}
     with MeasuredLatency(config) as measurer:

@@ -39,11 +39,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from xrlflow.cli_options import option
 from xrlflow.engine import Match, RewriteEngine
 from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFeaturizer, node_feature_size
 from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import Graph
-from xrlflow.latency import Latency, LatencyService
+from xrlflow.latency import Latency, LatencyService, NodeCosts
+from xrlflow.trajectory import SearchState
 
 ENV_ID = "xrlflow/GraphRewrite-v0"
 FEATURE_BOUND = 64.0  # features are log-scaled and non-negative (see features.py); far above any real value
@@ -53,11 +55,14 @@ FEATURE_BOUND = 64.0  # features are log-scaled and non-negative (see features.p
 class EnvConfig:
     max_nodes: int = 2048
     max_edges: int = 4096
-    max_candidates: int = 256
+    max_candidates: int = option("candidate slots per step", 256, kind=int)
     max_bound: int = 8  # bound nodes shown per candidate
-    max_steps: int = 50  # rewrites per episode before truncation
+    max_steps: int = option("rewrites per episode", 50, kind=int)  # before truncation
     failure_penalty: float = -10.0  # reward when the latency service fails on a rewritten graph
     op_vocabulary: tuple[str, ...] = field(default=DEFAULT_OP_VOCABULARY)
+    # Fill the per-node cost column from the latency service's `node_costs` (when it has them, see
+    # `xrlflow.latency.NodeCosts`). Checkpoints written before the column was filled trained on zeros.
+    node_costs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "max_edges", "max_candidates", "max_bound", "max_steps"):
@@ -84,6 +89,7 @@ class EnvConfig:
         if unknown:
             raise BadInputError(f"unknown env config field(s): {', '.join(unknown)}")
         values = dict(d)
+        values.setdefault("node_costs", False)  # a run.json from before the field: the column was always 0
         if "op_vocabulary" in values:
             values["op_vocabulary"] = tuple(values["op_vocabulary"])
         return EnvConfig(**values)
@@ -120,15 +126,6 @@ def select_candidates(matches: Sequence[Match], limit: int, rule_order: Mapping[
     return [matches[i] for i in sorted(chosen)]
 
 
-def _latency_is_measured(service: LatencyService) -> bool:
-    """A service is deterministic when it says so (`deterministic = True`) or names itself a cost model
-    (`xrlflow.costmodel.CostModel` is "cost-model:<profile>..."); anything else counts as a noisy measurement."""
-    declared = getattr(service, "deterministic", None)
-    if declared is not None:
-        return not declared
-    return not str(getattr(service, "name", "")).startswith("cost-model")
-
-
 class GraphRewriteEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
@@ -163,11 +160,10 @@ class GraphRewriteEnv(gym.Env):
         self.observation_space = observation_space(self.config, len(engine.rules))
         self.action_space = spaces.Discrete(self.config.max_candidates + 1)
         self._initial_latency: dict[int, Latency] = {}
-        self._node_costs = getattr(latency, "node_costs", None)  # optional: graph -> {node name: ms}
+        self._node_costs = latency.node_costs if self.config.node_costs and isinstance(latency, NodeCosts) else None
         self.model_index = 0
         self.graph: Graph = self.graphs[0]
-        self.best_graph: Graph = self.graph
-        self.best_latency: Latency | None = None
+        self._episode: SearchState | None = None  # this episode's best graph and the path to it
         self.current_latency: Latency | None = None
         self.steps = 0
         self.episode_done = True
@@ -182,13 +178,21 @@ class GraphRewriteEnv(gym.Env):
 
     @spec.setter
     def spec(self, value) -> None:
-        if value is not None and _latency_is_measured(self.latency_service) and not value.nondeterministic:
+        if value is not None and not self.latency_service.deterministic and not value.nondeterministic:
             value = dataclasses.replace(value, nondeterministic=True)
         self.__dict__["_spec"] = value
 
     @property
     def model_name(self) -> str:
         return self.model_names[self.model_index]
+
+    @property
+    def best_graph(self) -> Graph:
+        return self._episode.best if self._episode is not None else self.graph
+
+    @property
+    def best_latency(self) -> Latency | None:
+        return self._episode.best_latency if self._episode is not None else None
 
     @property
     def applied(self) -> list[Match]:
@@ -231,7 +235,7 @@ class GraphRewriteEnv(gym.Env):
         self.model_index = index
         self.graph = self.graphs[index]
         self.current_latency = self._initial(index)
-        self.best_graph, self.best_latency = self.graph, self.current_latency
+        self._episode = SearchState(self.graph, self.current_latency)
         self.steps = 0
         self.episode_done = False
         self._applied = []
@@ -269,8 +273,7 @@ class GraphRewriteEnv(gym.Env):
         self.graph, self.current_latency = new_graph, lat
         self._applied.append(match)
         self.steps += 1
-        if lat.ms < self.best_latency.ms:
-            self.best_graph, self.best_latency = new_graph, lat
+        self._episode.offer(new_graph, lat, self._applied)
         self._refresh_candidates()
         terminated = not self._candidates
         truncated = not terminated and self.steps >= self.config.max_steps

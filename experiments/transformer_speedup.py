@@ -136,7 +136,7 @@ def _paired(service, graph, candidate_model: onnx.ModelProto) -> Cell:
 
 def run_model(name: str, args: argparse.Namespace, measured, search_service, policy: str | None) -> Row:
     from xrlflow.onnx_io import load_graph
-    from xrlflow.optimizer import OptimizeConfig, VerificationError, optimize
+    from xrlflow.optimizer import OptimizeConfig, SearchConfig, VerificationError, optimize
     from xrlflow.verify import verify_models
     from xrlflow.zoo import export_model
 
@@ -150,10 +150,10 @@ def run_model(name: str, args: argparse.Namespace, measured, search_service, pol
 
     ours: onnx.ModelProto | None = None
     ours_label = ""
-    searches = [("greedy", OptimizeConfig(search="greedy", latency=args.search_latency, device=args.device, steps=args.steps))]
+    searches = [("greedy", OptimizeConfig(search="greedy", latency=args.search_latency, device=args.device, search_config=SearchConfig(steps=args.steps)))]
     if policy:
         searches.append(("rl", OptimizeConfig(
-            policy=policy, latency=args.search_latency, device=args.device, steps=args.steps, rollouts=args.rollouts,
+            policy=policy, latency=args.search_latency, device=args.device, search_config=SearchConfig(steps=args.steps, rollouts=args.rollouts),
         )))
     else:
         row.cells["rl"] = Cell(note="no policy")
@@ -307,17 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown zoo model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
 
     from xrlflow.measure import MeasureConfig, MeasuredLatency
-    from xrlflow.optimizer import make_latency_service
+    from xrlflow.services import make_latency_service
     from xrlflow.testing import newest_checkpoint
 
-    config = MeasureConfig(
+    config = MeasureConfig.create(
         device=args.device, max_seconds=args.max_seconds, target_rel_ci=args.target_rel_ci,
         intra_op_threads=args.threads,
     )
     policy = newest_checkpoint(REPO / "checkpoints", args.policy)
     rows = []
     with MeasuredLatency(config) as measured:
-        search_service = measured if args.search_latency == "measured" else make_latency_service("cost", args.device, {})
+        search_service = measured if args.search_latency == "measured" else make_latency_service("cost", args.device)
         for name in args.models:
             rows.append(run_model(name, args, measured, search_service, policy))
         env = environment(args, measured.device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.test_env import inception_pair, projections
-from xrlflow.agents import CandidateGNNPolicy, load_policy, save_checkpoint
+from xrlflow.agents import CandidateGNNPolicy, PolicyConfig, load_policy, save_checkpoint
 from xrlflow.costmodel import CostModel
 from xrlflow.envs import EnvConfig, GraphRewriteEnv
 from xrlflow.errors import BadInputError
@@ -107,8 +107,9 @@ def test_load_policy_refuses_other_registry_and_missing_files(tmp_path):
 
 def test_train_checkpoints_and_resumes(tmp_path):
     graph = inception_pair()
-    cfg = TrainConfig(models=("pair",), steps=64, num_envs=2, n_steps=16, batch_size=16, n_epochs=1, hidden=16,
-                      max_steps=4, max_candidates=8, checkpoint_every=32, run_name="r",
+    cfg = TrainConfig(models=("pair",), steps=64, num_envs=2, n_steps=16, batch_size=16, n_epochs=1,
+                      policy=PolicyConfig(hidden=16), env=EnvConfig(max_steps=4, max_candidates=8),
+                      checkpoint_every=32, run_name="r",
                       runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(tmp_path / "ck"), progress=False)
     meta = train(cfg, graphs=[("pair", graph)], latency=CostModel("cpu"))
     run = tmp_path / "ck" / "r"

@@ -119,7 +119,7 @@ def test_kernel_model_runs_and_computes_what_the_kernel_computes():
 
 def test_measured_table_is_used_and_survives_a_json_round_trip(tmp_path):
     graph = load_graph(qkv_model(width=64, seq=8))
-    config = MeasureConfig(cache_path=str(tmp_path / "c.sqlite"), warmup_runs=2, min_runs=20, max_runs=200, max_seconds=0.5)
+    config = MeasureConfig.create(cache_path=str(tmp_path / "c.sqlite"), warmup_runs=2, min_runs=20, max_runs=200, max_seconds=0.5)
     with MeasuredLatency(config) as measurer:
         table = build_op_table([graph], measurer, "cpu")
         assert measurer.cache.op_table(measurer.device)  # stored per device in the shared database

@@ -135,7 +135,7 @@ def cluster():
 def _quick_pool_config(tmp_path: Path, **overrides) -> "PoolConfig":  # noqa: F821
     from xrlflow.measure_pool import PoolConfig
 
-    measure = MeasureConfig(cache_path=str(tmp_path / "latency.sqlite"), **QUICK_PLAN)
+    measure = MeasureConfig.create(cache_path=str(tmp_path / "latency.sqlite"), **QUICK_PLAN)
     return PoolConfig(measure=measure, **overrides)
 
 
@@ -198,8 +198,8 @@ def ray_killed_measurement_actor_is_replaced_and_graph_resubmitted(cluster, tmp_
 
     # Each measurement runs its full 1.5 s, so the kill lands while graphs are in flight.
     config = _quick_pool_config(tmp_path, workers=2, gpu_per_worker=True)
-    config = dataclasses.replace(config, measure=dataclasses.replace(
-        config.measure, min_runs=10**6, max_runs=10**6, max_seconds=1.5))
+    config = dataclasses.replace(config, measure=dataclasses.replace(config.measure, plan=dataclasses.replace(
+        config.measure.plan, min_runs=10**6, max_runs=10**6, max_seconds=1.5)))
     graphs = _graphs()
     with MeasurementPool(config) as pool:
         before = {w.actor_id for w in pool.workers()}
@@ -297,11 +297,11 @@ def ray_vecenv_training_matches_dummy_vecenv(cluster):
 
 def ray_train_cli_with_measured_rewards_on_the_pool(cluster, tmp_path):
     from xrlflow.measure_pool import MeasurementPool
-    from xrlflow.train import TrainConfig, train
+    from xrlflow.train import EnvConfig, PolicyConfig, TrainConfig, train
 
     pool_config = _quick_pool_config(tmp_path, workers=2)
-    cfg = TrainConfig(models=("pair",), steps=32, num_envs=2, n_steps=8, batch_size=16, n_epochs=1, hidden=16,
-                      layers=2, max_steps=3, max_candidates=8, checkpoint_every=32, run_name="ray",
+    cfg = TrainConfig(models=("pair",), steps=32, num_envs=2, n_steps=8, batch_size=16, n_epochs=1,
+                      policy=PolicyConfig(hidden=16, layers=2), env=EnvConfig(max_steps=3, max_candidates=8), checkpoint_every=32, run_name="ray",
                       runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(tmp_path / "ck"), progress=False,
                       ray_address=cluster.address)
     with MeasurementPool(pool_config) as pool:

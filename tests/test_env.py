@@ -65,8 +65,9 @@ def test_registered_and_spec_determinism():
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
 
-    class Measured:  # stands for a measured service: no `deterministic`, not a cost model
+    class Measured:  # stands for a measured service
         name = "measured:cpu"
+        deterministic = False
 
         def latency(self, graph):
             return Latency(1.0, 0.9, 1.1, 10, "measured")
@@ -237,3 +238,27 @@ def test_graph_growing_past_padding_ends_episode():
     merge = [m.rule for m in env.candidates].index("merge-parallel-matmul")  # adds Concat/Split nodes
     obs, reward, terminated, truncated, info = env.step(merge)
     assert terminated and info["graph_too_large"] and env.graph is graph and reward == 0.0
+
+
+def test_cost_column_holds_the_cost_models_node_costs_on_bert():
+    from xrlflow.envs.features import GraphFeaturizer
+    from xrlflow.zoo import export_model
+
+    graph = load_graph(export_model("bert-base", small=True))
+    service = CostModel.for_device("h200")
+    config = EnvConfig(max_nodes=256, max_edges=512, max_candidates=64)
+    obs, _ = GraphRewriteEnv({"bert": graph}, service, config).reset(seed=0)
+    n = int(obs["counts"][0])
+    column = obs["node_features"][:n, GraphFeaturizer(config.op_vocabulary).cost_column]
+    costs = service.node_costs(graph)
+    order = graph.topological_order()
+    computed = [i for i, name in enumerate(order) if graph.nodes[name].op_type != "Constant"]
+    assert len(computed) > 50 and (column[computed] > 0).all(), "every node that runs is part of a kernel with a cost"
+    assert sum(costs.values()) == pytest.approx(service.latency(graph).ms)  # the kernels' costs, spread over their nodes
+    row = {name: i for i, name in enumerate(order)}
+    matmul = graph.by_op("MatMul")[0]
+    assert column[row[matmul.name]] == pytest.approx(np.log1p(costs[matmul.name] * 1000.0) / 12.0, rel=1e-5)
+    # A checkpoint's env config from before the column was filled keeps it at 0 (what its policy trained on).
+    old = EnvConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "node_costs"})
+    obs_old, _ = GraphRewriteEnv({"bert": graph}, service, old).reset(seed=0)
+    assert not obs_old["node_features"][:n, GraphFeaturizer(config.op_vocabulary).cost_column].any()

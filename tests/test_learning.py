@@ -83,7 +83,7 @@ def test_policy_learns_sequence_with_temporary_slowdown(tmp_path, one_torch_thre
 
     cfg = TrainConfig(
         models=("pair",), steps=3072, seed=0, run_name="learn", num_envs=2, n_steps=64, batch_size=64, n_epochs=4,
-        learning_rate=1e-3, ent_coef=0.01, max_steps=4, max_candidates=16, checkpoint_every=10**6,
+        learning_rate=1e-3, ent_coef=0.01, env=EnvConfig(max_steps=4, max_candidates=16), checkpoint_every=10**6,
         runs_dir=str(tmp_path / "runs"), checkpoints_dir=str(tmp_path / "checkpoints"), progress=False,
     )
     meta = train(cfg, graphs=[("pair", graph)], latency=service)

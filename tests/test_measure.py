@@ -47,7 +47,7 @@ def custom_op_model() -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache") / "latency.sqlite"
-    with MeasuredLatency(MeasureConfig(cache_path=str(path), **FAST)) as s:
+    with MeasuredLatency(MeasureConfig.create(cache_path=str(path), **FAST)) as s:
         yield s
 
 
@@ -128,7 +128,7 @@ def test_a_a_compare_in_a_worker_that_ran_other_jobs_is_within_two_percent():
     # graphs' sessions have used and freed. Median of 5 compares: one compare's ratio had sd 0.0065 (range
     # 0.984-1.022 over 60 repetitions in this condition), so the median's sd is about 0.004 and 0.02 is
     # five of them; a 2% bias puts the median at 0.98 and fails this about half the time, 2.7% nearly always.
-    with MeasuredLatency(MeasureConfig(cache_path="", **FAST)) as service:
+    with MeasuredLatency(MeasureConfig.create(cache_path="", **FAST)) as service:
         for k, width in enumerate((32, 384, 48, 64, 256, 128, 512, 96)):
             assert service.latency(load_graph(tiny_model(width, seed=k + 1))).ok
         graph = load_graph(tiny_model(512))
@@ -148,7 +148,7 @@ def test_unrunnable_model_is_a_failed_measurement_and_the_worker_keeps_serving(s
 
 
 def test_killed_worker_is_a_failed_measurement_then_a_fresh_worker_measures(tmp_path):
-    config = MeasureConfig(cache_path="", warmup_runs=1, min_runs=100000, max_runs=100000, max_seconds=60)
+    config = MeasureConfig.create(cache_path="", warmup_runs=1, min_runs=100000, max_runs=100000, max_seconds=60)
     with MeasuredLatency(config) as service:
         graph = load_graph(tiny_model(256))
         killer = threading.Thread(target=_kill_worker_when_up, args=(service,))
@@ -156,12 +156,12 @@ def test_killed_worker_is_a_failed_measurement_then_a_fresh_worker_measures(tmp_
         result = service.latency(graph)
         killer.join()
         assert not result.ok and "SIGKILL" in result.reason
-    with MeasuredLatency(MeasureConfig(cache_path="", timeout_s=0.5, warmup_runs=1, min_runs=100000,
+    with MeasuredLatency(MeasureConfig.create(cache_path="", timeout_s=0.5, warmup_runs=1, min_runs=100000,
                                        max_runs=100000, max_seconds=60)) as service:
         hung = service.latency(load_graph(tiny_model(256)))
         assert not hung.ok and "timed out" in hung.reason
         assert service.worker.pid is None  # killed, not left running
-        service.config = MeasureConfig(cache_path="", timeout_s=30, **FAST)
+        service.config = MeasureConfig.create(cache_path="", timeout_s=30, **FAST)
         assert service.latency(load_graph(tiny_model(256))).ok
 
 
@@ -244,7 +244,7 @@ def test_cuda_without_the_provider_is_bad_input():
     from xrlflow.errors import BadInputError
 
     with pytest.raises(BadInputError, match="no CUDA execution provider"):
-        MeasuredLatency(MeasureConfig(device="cuda", cache_path=""))
+        MeasuredLatency(MeasureConfig.create(device="cuda", cache_path=""))
 
 
 def test_several_sessions_are_timed_round_robin_and_the_latency_is_the_median_of_their_medians(monkeypatch):
@@ -275,7 +275,7 @@ def test_several_sessions_are_timed_round_robin_and_the_latency_is_the_median_of
 
 def test_measured_latency_with_three_sessions_reports_them_and_a_pinned_worker(tmp_path):
     cpu = max(os.sched_getaffinity(0))
-    config = MeasureConfig(cache_path="", sessions=3, pin_cpu=cpu, **FAST)
+    config = MeasureConfig.create(cache_path="", sessions=3, pin_cpu=cpu, **FAST)
     with MeasuredLatency(config) as service:
         result = service.latency(load_graph(tiny_model()))
         assert result.ok and len(result.session_ms) == 3
@@ -286,13 +286,13 @@ def test_measured_latency_with_three_sessions_reports_them_and_a_pinned_worker(t
 
 def test_measure_settings_that_change_what_is_timed_are_in_the_cache_key():
     assert MeasureConfig().provider == "CPUExecutionProvider/t1"
-    assert MeasureConfig(sessions=3).provider == MeasureConfig().provider  # precision, not a different quantity
+    assert MeasureConfig.create(sessions=3).provider == MeasureConfig().provider  # precision, not a different quantity
     # (the CUDA flavours are only named here; building a CUDA service needs onnxruntime-gpu)
-    assert MeasureConfig(device="cuda").provider == "CUDAExecutionProvider/iobinding/cudagraph"
-    assert MeasureConfig(device="cuda", cuda_graph=False).provider == "CUDAExecutionProvider/iobinding"
-    assert (MeasureConfig(device="cuda", cudnn_conv_algo_search="HEURISTIC").provider
+    assert MeasureConfig.create(device="cuda").provider == "CUDAExecutionProvider/iobinding/cudagraph"
+    assert MeasureConfig.create(device="cuda", cuda_graph=False).provider == "CUDAExecutionProvider/iobinding"
+    assert (MeasureConfig.create(device="cuda", cudnn_conv_algo_search="HEURISTIC").provider
             == "CUDAExecutionProvider/iobinding/cudnn-heuristic/cudagraph")
-    assert MeasureConfig(device="cuda").session.cuda_graph and not MeasureConfig().session.cuda_graph
+    assert MeasureConfig.create(device="cuda").session.cuda_graph and not MeasureConfig().session.cuda_graph
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -304,7 +304,7 @@ def test_bad_measurement_settings_are_one_line_errors(settings, message):
     from xrlflow.errors import BadInputError
 
     with pytest.raises(BadInputError, match=message):
-        MeasureConfig(**settings)
+        MeasureConfig.create(**settings)
 
 
 def test_a_model_cuda_graphs_cannot_capture_is_a_failure_that_says_what_to_do(monkeypatch):

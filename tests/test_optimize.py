@@ -14,6 +14,7 @@ import pytest
 from tests.test_search import attention_like_model
 from xrlflow.cli import main
 from xrlflow.optimizer import OptimizeConfig, VerificationError, optimize
+from xrlflow.search import SearchConfig
 from xrlflow.verify import random_inputs, verify_models
 
 MERGE_RULES = "merge-parallel-matmul,split-merged-matmul"
@@ -62,7 +63,7 @@ def test_python_api_with_given_inputs(tmp_path):
     model = attention_like_model()
     feeds = random_inputs(model, seed=5)
     np.savez(tmp_path / "feeds.npz", **feeds)
-    result = optimize(model, OptimizeConfig(search="backtrack", latency="cost", budget=6, inputs=str(tmp_path / "feeds.npz")))
+    result = optimize(model, OptimizeConfig(search="backtrack", latency="cost", search_config=SearchConfig(budget=6), inputs=str(tmp_path / "feeds.npz")))
     assert result.report["verification"]["inputs"].endswith("feeds.npz")
     assert verify_models(model, result.model, feeds).ok
     assert result.report["latency"]["speedup"] > 1.0
@@ -142,12 +143,12 @@ def tiny_policy(tmp_path_factory):
     """A policy trained for a handful of steps (its quality is beside the point: the wiring is tested)."""
     from xrlflow.costmodel import CostModel
     from xrlflow.onnx_io import load_graph
-    from xrlflow.train import TrainConfig, train
+    from xrlflow.train import EnvConfig, PolicyConfig, TrainConfig, train
 
     folder = tmp_path_factory.mktemp("policy")
     config = TrainConfig(
-        models=("attention-like",), steps=16, num_envs=1, n_steps=16, batch_size=8, n_epochs=1, max_steps=4,
-        hidden=8, layers=1, checkpoint_every=16, run_name="tiny", checkpoints_dir=str(folder / "checkpoints"),
+        models=("attention-like",), steps=16, num_envs=1, n_steps=16, batch_size=8, n_epochs=1,
+        env=EnvConfig(max_steps=4), policy=PolicyConfig(hidden=8, layers=1), checkpoint_every=16, run_name="tiny", checkpoints_dir=str(folder / "checkpoints"),
         runs_dir=str(folder / "runs"), progress=False,
     )
     train(config, graphs=[("attention-like", load_graph(attention_like_model()))], latency=CostModel("cpu"))

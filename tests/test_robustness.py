@@ -91,6 +91,7 @@ def test_a_rewrite_that_bakes_a_bound_dim_is_caught_at_the_second_binding(tmp_pa
 
     class FewerMatMuls:  # prefers the batched graph whatever its real cost
         name = "matmul-count"
+        deterministic = True
 
         def latency(self, graph):
             ms = float(len(graph.by_op("MatMul")))

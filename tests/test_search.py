@@ -10,6 +10,7 @@ import pytest
 from tests.rulecheck import ModelBuilder
 from xrlflow.costmodel import CostModel
 from xrlflow.engine import RewriteEngine
+from xrlflow.errors import BadInputError
 from xrlflow.latency import Latency
 from xrlflow.onnx_io import load_graph
 from xrlflow.rules import RULES, default_engine
@@ -76,6 +77,7 @@ class PenaliseRule:
     """A latency service under which every rewrite of one rule is a slowdown (and everything else neutral)."""
 
     name = "test:penalise"
+    deterministic = True
 
     def __init__(self, rule: str) -> None:
         self.rule = rule
@@ -100,6 +102,7 @@ class DelayedReward:
     merges; a search that tolerates a temporary loss (backtracking with alpha) finds the payoff."""
 
     name = "test:delayed"
+    deterministic = True
 
     def latency(self, graph) -> Latency:
         merged = sum(1 for n in graph.nodes.values() if n.origin == "merge-parallel-matmul" and n.op_type == "MatMul")
@@ -130,6 +133,7 @@ class CountingService:
     """Wraps a service and records which graphs it was asked about."""
 
     name = "test:counting"
+    deterministic = True
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -150,7 +154,7 @@ def test_each_distinct_graph_is_costed_once(method, cost_model):
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(BadInputError):
         SearchConfig(alpha=0.9)
     with pytest.raises(ValueError):
         run_search("annealing", load_graph(chain_model()), default_engine(), PenaliseRule("x"))

@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from xrlflow.version import __version__
 
 if TYPE_CHECKING:
     import onnx
@@ -15,55 +15,26 @@ if TYPE_CHECKING:
     from xrlflow.optimizer import OptimizeResult
 
 
-def optimize(
-    model_or_path: "str | Any | onnx.ModelProto",
-    *,
-    output: str | None = None,
-    search: str | None = "greedy",
-    policy: str | None = None,
-    device: str = "cpu",
-    latency: str = "measured",
-    rollouts: int = 4,
-    steps: int = 50,
-    budget: int = 100,
-    alpha: float = 1.05,
-    input_shape: Mapping[str, Sequence[int]] | None = None,
-    seed: int = 0,
-    rules: Sequence[str] | None = None,
-    disable_rules: Sequence[str] | None = None,
-    inputs: str | None = None,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
-    tolerance: Mapping[str, tuple[float, float]] | None = None,
-    shape_check: bool = True,
-    external_data: bool = False,
-) -> "OptimizeResult":
-    """Optimise an ONNX model (a path or a ModelProto); keyword arguments mirror `xrlflow optimize`'s flags.
+def optimize(model_or_path: "str | Any | onnx.ModelProto", *, output: str | None = None, external_data: bool = False,
+             **options: Any) -> "OptimizeResult":
+    """Optimise an ONNX model (a path or a ModelProto). The keyword options are `xrlflow optimize`'s flags with
+    `_` for `-` (search, policy, device, latency, rollouts, steps, budget, alpha, seed, input_shape={name: dims},
+    rules=[...], disable_rules=[...], inputs, rtol, atol, tolerance={output: (rtol, atol)}, no_shape_check).
 
     Returns an `OptimizeResult` with `.model` (the verified optimised ModelProto) and `.report` (the JSON report
     as a dict). With `output` the model is also written there (atomically; `external_data` puts the weights in
     OUTPUT.data). Raises `xrlflow.optimizer.VerificationError` when the result does not verify and
     `xrlflow.errors.BadInputError` for unusable input.
     """
-    from pathlib import Path
-
-    from xrlflow.onnx_io import save_model
+    from xrlflow.cli_options import config_from, option_names
+    from xrlflow.errors import BadInputError
+    from xrlflow.optimize_cli import write_result
     from xrlflow.optimizer import OptimizeConfig, optimize as run
-    from xrlflow.verify import Tolerance
 
-    config = OptimizeConfig(
-        search=search, policy=policy, device=device, latency=latency, rollouts=rollouts, steps=steps, budget=budget,
-        alpha=alpha, input_shapes={k: tuple(int(d) for d in v) for k, v in (input_shape or {}).items()}, seed=seed,
-        rules=tuple(rules) if rules is not None else None,
-        disable_rules=tuple(disable_rules) if disable_rules is not None else None,
-        inputs=inputs, tolerance=Tolerance(rtol=rtol, atol=atol),
-        output_tolerances={k: Tolerance(rtol=r, atol=a) for k, (r, a) in (tolerance or {}).items()},
-        check_other_shapes=shape_check,
-    )
-    result = run(model_or_path, config)
+    unknown = sorted(set(options) - option_names(OptimizeConfig))
+    if unknown:
+        raise BadInputError(f"unknown option(s) {', '.join(unknown)}; xrlflow.optimize takes {', '.join(sorted(option_names(OptimizeConfig)))}")
+    result = run(model_or_path, config_from(OptimizeConfig, {"no_progress": True, **options}))
     if output is not None:
-        save_model(result.model, output, external_data=external_data)
-        result.report["output"], result.report["written"] = str(output), True
-        files = [Path(output), Path(f"{output}.data")]
-        result.report["size"]["output_bytes"] = sum(p.stat().st_size for p in files if p.is_file())
+        write_result(result, output, external_data)
     return result

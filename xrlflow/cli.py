@@ -5,67 +5,54 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
-from xrlflow.errors import BadInputError
+from xrlflow.cli_options import OneLineParser, run_handler
 
 # Subcommands live next to what they drive; each module has `add_cli(subparsers)` which registers its
 # parser(s) with `set_defaults(handler=...)`, the handler taking the parsed args and returning an exit code.
+# These import no torch; the commands below them do (PyTorch models, the policy) and are imported only when
+# they are the command being run (the help lists them all).
 COMMAND_MODULES = (
     "xrlflow.rules_cli",
     "xrlflow.measure_cli",
-    "xrlflow.optimizer",
-    "xrlflow.train",
+    "xrlflow.optimize_cli",
 )
+TORCH_COMMANDS = {
+    "train": ("xrlflow.train", "train a rewrite policy (MaskablePPO, GNN) on zoo models"),
+    "zoo": ("xrlflow.zoo", "the benchmark model zoo: list the models, export one to ONNX"),
+}
 
 
-def _add_zoo(sub: argparse._SubParsersAction) -> None:
-    from xrlflow.zoo import add_zoo_cli, run_zoo_cli
-
-    add_zoo_cli(sub).set_defaults(handler=run_zoo_cli)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 with usage; keep it to one line
-        self.exit(2, f"xrlflow: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="xrlflow", description="Reinforcement-learning graph superoptimizer for ONNX models")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # a subcommand not built in this checkout
-            raise
+def _add_torch_command(sub: argparse._SubParsersAction, name: str, command: str | None) -> None:
+    module_name, help_text = TORCH_COMMANDS[name]
+    if command != name:
+        sub.add_parser(name, help=help_text, add_help=False)
+        return
+    module = importlib.import_module(module_name)
+    if name == "zoo":
+        module.add_zoo_cli(sub).set_defaults(handler=module.run_zoo_cli)
+    else:
         module.add_cli(sub)
-    _add_zoo(sub)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `command` is the subcommand about to be parsed (a torch command gets its full parser only
+    then)."""
+    parser = OneLineParser(prog="xrlflow", description="Reinforcement-learning graph superoptimizer for ONNX models")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_cli(sub)
+    for name in TORCH_COMMANDS:
+        _add_torch_command(sub, name, command)
     return parser
 
 
-def run(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    try:
-        return int(handler(args) or 0)
-    except BadInputError as exc:
-        print(f"xrlflow: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("xrlflow: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # an internal error: one line, exit 1 (XRLFLOW_DEBUG=1 shows the traceback)
-        import os
-
-        if os.environ.get("XRLFLOW_DEBUG"):
-            raise
-        print(f"xrlflow: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run(args.handler, args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    return run_handler(args.handler, args)
 
 
 if __name__ == "__main__":

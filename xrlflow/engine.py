@@ -52,14 +52,20 @@ class Rule(ABC):
 class RewriteEngine:
     """Matches and applies an ordered rule set. The order is the action layout: see `fingerprint`."""
 
-    def __init__(self, rules: Sequence[Rule]) -> None:
+    def __init__(self, rules: Sequence[Rule], allowed: Iterable[str] | None = None) -> None:
         names = [r.name for r in rules]
         if len(set(names)) != len(names):
             raise ValueError("duplicate rule names")
         self.rules = tuple(rules)
         self.rule_index = {r.name: i for i, r in enumerate(self.rules)}
         self._by_name = {r.name: r for r in self.rules}
+        self.allowed = None if allowed is None else frozenset(allowed)
         self._memo_key = "matches:" + self.fingerprint
+
+    def restricted(self, allowed: Iterable[str]) -> "RewriteEngine":
+        """The same action layout (rule order and fingerprint: what a policy was trained on) offering only the
+        allowed rules' matches."""
+        return RewriteEngine(self.rules, allowed)
 
     @property
     def fingerprint(self) -> str:
@@ -71,11 +77,14 @@ class RewriteEngine:
         return self._by_name[name]
 
     def matches(self, graph: Graph) -> list[Match]:
-        """Every applicable match, in a deterministic order (memoised per graph value)."""
+        """Every applicable match (of the allowed rules), in a deterministic order (memoised per graph value)."""
         memo = graph.memo()
-        cached = memo.get(self._memo_key)
-        if cached is not None:
-            return cached
+        found = memo.get(self._memo_key)
+        if found is None:
+            found = memo[self._memo_key] = self._find_all(graph)
+        return found if self.allowed is None else [m for m in found if m.rule in self.allowed]
+
+    def _find_all(self, graph: Graph) -> list[Match]:
         found: list[Match] = []
         for rule in self.rules:
             seen: set[tuple[str, ...]] = set()
@@ -88,7 +97,6 @@ class RewriteEngine:
                 bucket.append(Match(rule.name, tuple(nodes), tuple(params)))
             bucket.sort(key=lambda m: (m.nodes, repr(m.params)))
             found.extend(bucket)
-        memo[self._memo_key] = found
         return found
 
     def apply(self, graph: Graph, match: Match) -> Graph:

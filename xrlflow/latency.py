@@ -1,16 +1,23 @@
 """The latency service interface the environment and the searches are handed.
 
 Implementations: `xrlflow.measure.MeasuredLatency` (onnxruntime, cached), `xrlflow.costmodel.CostModel`
-(per-op tables or an analytic FLOP/byte estimate). Callers never import onnxruntime themselves.
+(per-op tables or an analytic FLOP/byte estimate), `xrlflow.measure_pool.MeasurementPool` (a Ray pool).
+Callers never import onnxruntime themselves; `xrlflow.services.make_latency_service` builds one.
+
+Every service has `name`, `deterministic` and `latency(graph)`. What a service can do besides is a small
+capability protocol, checked with `isinstance`: `ComparesGraphs` (interleaved A/B timing), `Closable`
+(holds a worker or a cache), `NodeCosts` (per-node cost, the env's cost feature column).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, runtime_checkable
 
 from xrlflow.ir import Graph
 
+if TYPE_CHECKING:
+    from xrlflow.measure import Comparison
 
 @dataclass(frozen=True)
 class Latency:
@@ -32,8 +39,37 @@ class Latency:
 
 @runtime_checkable
 class LatencyService(Protocol):
-    """Latency of a graph on one device. Must be deterministic for a cost model, cached for measurement."""
+    """Latency of a graph on one device. `deterministic`: the same graph always gets the same number (a cost
+    model); a measurement is noisy (and cached by graph hash)."""
 
     name: str
+    deterministic: bool
 
     def latency(self, graph: Graph) -> Latency: ...
+
+
+@runtime_checkable
+class ComparesGraphs(Protocol):
+    """Interleaved A/B timing of two graphs: the ratio B/A with its CI (cancels the machine's drift)."""
+
+    def compare(self, graph_a: Graph, graph_b: Graph) -> "Comparison": ...
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """A service holding a worker process, a connection or a cache, released by `close()`."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class NodeCosts(Protocol):
+    """Per-node cost in ms (a kernel's cost over the nodes it covers); missing nodes cost 0."""
+
+    def node_costs(self, graph: Graph) -> Mapping[str, float]: ...
+
+
+def close_service(service: Any) -> None:
+    """Release what a service holds (nothing for a cost model)."""
+    if isinstance(service, Closable):
+        service.close()

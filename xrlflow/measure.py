@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 from multiprocessing.connection import Connection
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,44 +59,45 @@ def parse_pin_cpu(text: str | None) -> int | None:
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    device: str = "cpu"  # "cpu" or "cuda"
-    device_id: int = 0
-    opt_level: str = "ORT_ENABLE_ALL"
-    # One intra-op thread on the CPU: on a shared machine a thread pool's spin-waiting collides with every
-    # other process and doubles the noise, and parallel environment workers each get a core of their own.
-    # Rankings of rewrites (fewer kernels, larger GEMMs) were the same at 1 and 2 threads in REFERENCE.md.
-    intra_op_threads: int = 1
-    warmup_runs: int = 10
-    min_runs: int = 20
-    max_runs: int = 2000
-    max_seconds: float = 10.0
-    target_rel_ci: float = 0.01
+    """A measurement: the session it times (`SessionSettings`), how long (`TimingPlan`), and the worker's limits.
+    `MeasureConfig.create(device="cuda", max_seconds=2, ...)` takes the nested settings' fields flat."""
+
+    session: SessionSettings = SessionSettings()
+    plan: TimingPlan = TimingPlan()
     timeout_s: float = 120.0  # per request, session creation included; past it the worker is killed
     memory_limit_mb: int | None = None  # address-space cap for the worker on the CPU (never on CUDA)
-    # Sessions per measurement, timed round-robin; the latency is the median of their medians
-    # (TimingPlan.sessions says why more than one on a GPU).
-    sessions: int = 1
     pin_cpu: int | None = None  # run the worker on this one CPU core (launch-bound GPU timing is CPU timing)
-    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # CUDA EP option: EXHAUSTIVE (its default), HEURISTIC, DEFAULT
-    # CUDA EP option enable_cuda_graph: time the run replayed as one captured CUDA graph. None: on for CUDA.
-    # A plain CUDA run of a batch-1 model is bound by the host launching each kernel, and on the H200 machine
-    # that host time varied by 5-18% (CV) between sessions; replayed graphs measure the GPU work at a CV
-    # under 1% (bench/results/measure_cuda.md). Needs every node on the CUDA EP and static shapes.
-    cuda_graph: bool | None = None
     cache_path: str | None = None  # None: default_cache_path(); "" turns the cache off
     seed: int = 0
 
+    @classmethod
+    def create(cls, cuda_graph: bool | None = None, **settings: Any) -> "MeasureConfig":
+        """From flat keywords: SessionSettings' and TimingPlan's fields go to them, the rest to this class.
+        `cuda_graph` None means on for CUDA; `check_every` defaults to min(10, min_runs)."""
+        session_fields = {f.name for f in fields(SessionSettings)}
+        plan_fields = {f.name for f in fields(TimingPlan)}
+        session = {k: settings.pop(k) for k in list(settings) if k in session_fields}
+        plan = {k: settings.pop(k) for k in list(settings) if k in plan_fields}
+        device = session.get("device", SessionSettings.device)
+        session["cuda_graph"] = device == "cuda" and cuda_graph is not False
+        plan.setdefault("check_every", min(10, plan.get("min_runs", TimingPlan.min_runs)))
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise BadInputError(f"unknown measurement setting(s): {', '.join(unknown)}")
+        return cls(SessionSettings(**session), TimingPlan(**plan), **settings)
+
     def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda"):
-            raise BadInputError(f"unknown device {self.device!r}: use cpu or cuda")
-        if self.opt_level not in OPT_LEVELS:
-            raise BadInputError(f"unknown optimisation level {self.opt_level!r}: use one of {', '.join(OPT_LEVELS)}")
-        if self.intra_op_threads < 1 or self.min_runs < 1 or self.max_runs < self.min_runs or self.timeout_s <= 0:
+        session, plan = self.session, self.plan
+        if session.device not in ("cpu", "cuda"):
+            raise BadInputError(f"unknown device {session.device!r}: use cpu or cuda")
+        if session.opt_level not in OPT_LEVELS:
+            raise BadInputError(f"unknown optimisation level {session.opt_level!r}: use one of {', '.join(OPT_LEVELS)}")
+        if session.intra_op_threads < 1 or plan.min_runs < 1 or plan.max_runs < plan.min_runs or self.timeout_s <= 0:
             raise BadInputError("bad measurement settings: need threads >= 1, 1 <= min_runs <= max_runs, timeout > 0")
-        if self.sessions < 1:
-            raise BadInputError(f"bad measurement settings: sessions must be >= 1, not {self.sessions}")
-        if self.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCHES:
-            raise BadInputError(f"unknown cuDNN algorithm search {self.cudnn_conv_algo_search!r}: use one of {', '.join(CUDNN_ALGO_SEARCHES)}")
+        if plan.sessions < 1:
+            raise BadInputError(f"bad measurement settings: sessions must be >= 1, not {plan.sessions}")
+        if session.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCHES:
+            raise BadInputError(f"unknown cuDNN algorithm search {session.cudnn_conv_algo_search!r}: use one of {', '.join(CUDNN_ALGO_SEARCHES)}")
         if self.pin_cpu is not None:
             import os
 
@@ -105,33 +106,33 @@ class MeasureConfig:
             if self.pin_cpu not in os.sched_getaffinity(0):
                 raise BadInputError(f"cannot pin the measurement worker to CPU {self.pin_cpu}: this process may use {sorted(os.sched_getaffinity(0))}")
 
+    # what the cache key, the service's name and the Ray pool read
     @property
-    def session(self) -> SessionSettings:
-        return SessionSettings(
-            self.device, self.device_id, self.opt_level, self.intra_op_threads, self.cudnn_conv_algo_search,
-            self.uses_cuda_graph,
-        )
+    def device(self) -> str:
+        return self.session.device
+
+    @property
+    def opt_level(self) -> str:
+        return self.session.opt_level
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.session.intra_op_threads
 
     @property
     def uses_cuda_graph(self) -> bool:
-        return self.device == "cuda" and self.cuda_graph is not False
-
-    @property
-    def plan(self) -> TimingPlan:
-        return TimingPlan(
-            self.warmup_runs, self.min_runs, self.max_runs, self.max_seconds, self.target_rel_ci,
-            check_every=min(10, self.min_runs), sessions=self.sessions,
-        )
+        return self.session.device == "cuda" and self.session.cuda_graph
 
     @property
     def provider(self) -> str:
         """The execution provider and the options that change what is timed (part of the cache key)."""
-        if self.device == "cuda":
+        session = self.session
+        if session.device == "cuda":
             name = "CUDAExecutionProvider/iobinding"
-            if self.cudnn_conv_algo_search != "EXHAUSTIVE":
-                name += f"/cudnn-{self.cudnn_conv_algo_search.lower()}"
+            if session.cudnn_conv_algo_search != "EXHAUSTIVE":
+                name += f"/cudnn-{session.cudnn_conv_algo_search.lower()}"
             return name + ("/cudagraph" if self.uses_cuda_graph else "")
-        return f"CPUExecutionProvider/t{self.intra_op_threads}"
+        return f"CPUExecutionProvider/t{session.intra_op_threads}"
 
 
 @dataclass(frozen=True)
@@ -290,13 +291,15 @@ def _latency_from_samples(samples: np.ndarray, session_medians: tuple[float, ...
 class MeasuredLatency:
     """The measured `LatencyService`: onnxruntime end-to-end latency in a reusable worker, cached."""
 
+    deterministic = False
+
     def __init__(self, config: MeasureConfig = MeasureConfig(), cache: LatencyCache | None = None) -> None:
         self.config = config
         version, providers = ort_info()
         if config.device == "cuda" and "CUDAExecutionProvider" not in providers:
             raise BadInputError(NO_CUDA_MESSAGE)
         self.ort_version = version
-        self.device = device_name(config.device, config.device_id)
+        self.device = device_name(config.device, config.session.device_id)
         self.name = f"measured:{config.device}:{config.opt_level}"
         if cache is None and config.cache_path != "":
             cache = LatencyCache(config.cache_path)

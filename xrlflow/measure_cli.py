@@ -46,7 +46,7 @@ def run_measure(args: argparse.Namespace) -> int:
         raise BadInputError("--workers needs --ray-address (local starts Ray on this machine)")
     if args.workers is not None and args.workers < 1:
         raise BadInputError(f"--workers must be at least 1, got {args.workers}")
-    config = MeasureConfig(
+    config = MeasureConfig.create(
         device=args.device, opt_level=args.opt_level, intra_op_threads=args.threads,
         max_seconds=args.max_seconds, timeout_s=args.timeout, cache_path="" if args.no_cache else None,
         cuda_graph=False if args.no_cuda_graph else None, sessions=args.sessions, pin_cpu=parse_pin_cpu(args.pin_cpu),
@@ -60,7 +60,8 @@ def run_measure(args: argparse.Namespace) -> int:
             results = [service.latency(g) for g in graphs]
             device, ort_version = service.device, service.ort_version
     else:
-        from xrlflow.distributed import MeasurementPool, PoolConfig, RaySession
+        from xrlflow.measure_pool import MeasurementPool, PoolConfig
+        from xrlflow.ray_session import RaySession
 
         with RaySession(args.ray_address), MeasurementPool(PoolConfig(config, workers=args.workers)) as pool:
             results = pool.latencies(graphs)

@@ -98,7 +98,7 @@ class MeasurementActor:
         gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
         config = dataclasses.replace(measure, cache_path="")
         if gpu_ids and measure.device == "cuda":
-            config = dataclasses.replace(config, device_id=0)  # CUDA_VISIBLE_DEVICES holds just the assigned GPU
+            config = dataclasses.replace(config, session=dataclasses.replace(config.session, device_id=0))  # CUDA_VISIBLE_DEVICES holds just the assigned GPU
         self.service = MeasuredLatency(config)
         if gpu_ids and measure.device == "cuda":
             self.service.device = device_name("cuda", int(gpu_ids[0]))  # nvidia-smi numbers GPUs physically

@@ -22,16 +22,29 @@ CUDA_GRAPH_IMPOSSIBLE = "CUDA graph capture is not possible for this model"
 
 @dataclass(frozen=True)
 class SessionSettings:
+    """How an onnxruntime session is made (what is timed)."""
+
     device: str = "cpu"  # "cpu" or "cuda"
     device_id: int = 0
     opt_level: str = "ORT_ENABLE_ALL"
+    # One intra-op thread on the CPU: on a shared machine a thread pool's spin-waiting collides with every
+    # other process and doubles the noise, and parallel environment workers each get a core of their own.
+    # Rewrites ranked the same at 1 and 2 threads (fewer kernels and larger GEMMs win at both) when the
+    # measured service was first checked on the CPU.
     intra_op_threads: int = 1
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # the CUDA EP's default; HEURISTIC / DEFAULT skip the timing
-    cuda_graph: bool = False  # capture the run as one CUDA graph (all nodes on the GPU, static shapes)
+    # CUDA EP option enable_cuda_graph: time the run replayed as one captured CUDA graph (`MeasureConfig.create`
+    # turns it on for CUDA). A plain CUDA run of a batch-1 model is bound by the host launching each kernel,
+    # and on the H200 machine that host time varied by 5-18% (CV) between sessions; replayed graphs measure
+    # the GPU work at a CV under 1% (bench/results/measure_cuda.md). Needs every node on the CUDA EP and
+    # static shapes.
+    cuda_graph: bool = False
 
 
 @dataclass(frozen=True)
 class TimingPlan:
+    """How long a model is timed: adaptive stopping on the median's CI, with caps on runs and seconds."""
+
     warmup_runs: int = 10
     min_runs: int = 20
     max_runs: int = 2000

@@ -1,6 +1,6 @@
 """Human- and machine-readable output of an optimisation run: the summary table, the JSON report, the chart.
 
-The report is a plain dict (built by `xrlflow.optimize`); this module only renders it. Charts use
+The report is a plain dict, built here (`build_report`) from what `xrlflow.optimize` did. Charts use
 matplotlib's Agg backend (no display needed) and are written atomically like every other artifact.
 """
 
@@ -9,9 +9,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from collections import Counter
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from xrlflow.atomic import replacing, write_bytes
+
+if TYPE_CHECKING:
+    import onnx
+
+    from xrlflow.engine import Match
+    from xrlflow.ir import Graph
+    from xrlflow.latency import LatencyService
+    from xrlflow.search import SearchResult
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -94,22 +105,6 @@ def format_summary(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: str | os.PathLike[str], write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -124,11 +119,11 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
     text = json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
-    _atomic_write(path, lambda handle: handle.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def plot_latency_history(
@@ -156,7 +151,8 @@ def plot_latency_history(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda handle: fig.savefig(handle, format=Path(path).suffix.lstrip(".") or "png", dpi=120))
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
 
 
@@ -187,7 +183,8 @@ def plot_speedup_bars(
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _atomic_write(path, lambda handle: fig.savefig(handle, format=Path(path).suffix.lstrip(".") or "png", dpi=120))
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
 
 
@@ -201,3 +198,149 @@ __all__ = [
     "format_summary", "format_latency", "write_json", "write_text", "plot_latency_history", "plot_speedup_bars",
     "markdown_table",
 ]
+
+
+# ---- the report dict -------------------------------------------------------------------------------------------
+def op_counts(model: "onnx.ModelProto") -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def rewrite_entries(path: Sequence["Graph"], applied: Sequence["Match"]) -> list[dict[str, Any]]:
+    entries = []
+    for i, (match, before, after) in enumerate(zip(applied, path, path[1:]), start=1):
+        removed = [n for n in before.nodes if n not in after.nodes]
+        added = [n for n in after.nodes if n not in before.nodes]
+        entries.append({
+            "index": i,
+            "rule": match.rule,
+            "bound_nodes": list(match.nodes),
+            "nodes_before": [f"{n} ({before.nodes[n].op_type})" for n in removed],
+            "nodes_after": [f"{n} ({after.nodes[n].op_type})" for n in added],
+            "graph_nodes": [len(before), len(after)],
+        })
+    return entries
+
+
+def input_size(model_or_path: "str | os.PathLike[str] | onnx.ModelProto", model: "onnx.ModelProto") -> int:
+    """Bytes on disk of the input (the .onnx file plus its external data files), or its serialised size."""
+    import onnx
+
+    from xrlflow.onnx_io import weight_bytes
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        return weight_bytes(model) + skeleton_bytes(model)
+    path = Path(model_or_path)
+    files = {path.resolve()}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in t.external_data if e.key == "location")
+            files.add((path.resolve().parent / location).resolve())
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def skeleton_bytes(model: "onnx.ModelProto") -> int:
+    """Serialised size of the model without its weight payloads (what is not counted in weight_bytes)."""
+    return sum(n.ByteSize() for n in model.graph.node) + sum(v.ByteSize() for v in model.graph.input) + \
+        sum(v.ByteSize() for v in model.graph.output)
+
+
+def merged_bytes(model: "onnx.ModelProto", optimised: "onnx.ModelProto") -> int:
+    """Bytes of what the rewrites created: weights the input does not have (folded merges: concatenated,
+    padded, ...) and the new nodes themselves."""
+    import onnx
+
+    from xrlflow.onnx_io import weight_bytes
+
+    known_weights = {t.name for t in model.graph.initializer}
+    known_nodes = {n.name for n in model.graph.node}
+    fresh = onnx.ModelProto()
+    fresh.graph.initializer.extend(t for t in optimised.graph.initializer if t.name not in known_weights)
+    return weight_bytes(fresh) + sum(n.ByteSize() for n in optimised.graph.node if n.name not in known_nodes)
+
+
+def latency_section(result: "SearchResult", service: "LatencyService", paired_timing: bool) -> dict[str, Any]:
+    """Latency before and after; with `paired_timing` (a measured result that verified and changed the graph)
+    from interleaved A/B pairs: separate medians drift with the machine's load, the pairs cancel that drift."""
+    from xrlflow.latency import ComparesGraphs
+
+    before, after = result.initial_latency, result.best_latency
+    section: dict[str, Any] = {
+        "before": asdict(before),
+        "after": asdict(after),
+        "speedup": before.ms / after.ms if after.ok and after.ms > 0 else None,
+        "speedup_method": "ratio of the two medians",
+    }
+    if paired_timing and result.applied and isinstance(service, ComparesGraphs):
+        paired = service.compare(result.initial, result.best)
+        if paired.ok:
+            section.update(
+                before=asdict(paired.a), after=asdict(paired.b), speedup=paired.speedup,
+                speedup_low=1.0 / paired.high, speedup_high=1.0 / paired.low,
+                speedup_method=f"interleaved A/B pairs ({paired.runs} runs), median of per-pair ratios",
+            )
+    return section
+
+
+def build_report(**parts: Any) -> dict[str, Any]:
+    """The JSON report of one `xrlflow.optimize` run, from its parts (see the keys read below)."""
+    import datetime
+
+    from xrlflow.version import __version__
+    from xrlflow.onnx_io import weight_bytes
+
+    config, result, model, optimised = parts["config"], parts["result"], parts["model"], parts["optimised"]
+    engine, verification, tolerance = parts["engine"], parts["verification"], parts["tolerance"]
+    search = config.search_config
+    return {
+        "xrlflow_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "input": parts["source"],
+        "output": None,
+        "written": False,
+        "method": config.method,
+        "latency_service": parts["service"].name,
+        "device": config.device,
+        "rules": [r.name for r in engine.rules],
+        "canonicalised": parts["canonicalised"],
+        "canonical_rules": parts["canonical_rules"],
+        "rule_fingerprint": engine.fingerprint,
+        "registry_fingerprint": parts["registry_fingerprint"],
+        "config": {
+            "search": config.search if config.policy is None else None, "policy": config.policy,
+            "steps": search.steps, "rollouts": search.rollouts, "budget": search.budget, "alpha": search.alpha,
+            "seed": search.seed, "input_shapes": {k: list(v) for k, v in config.input_shapes.items()},
+        },
+        "latency": parts["latency"],
+        "rewrites": rewrite_entries(parts["path"], result.applied),
+        "rewrites_by_rule": dict(Counter(m.rule for m in result.applied).most_common()),
+        "op_counts": {"before": op_counts(model), "after": op_counts(optimised)},  # as ONNX files
+        "size": {
+            "input_bytes": input_size(parts["model_or_path"], model),
+            "output_bytes": weight_bytes(optimised) + skeleton_bytes(optimised),  # estimate; the file size once written
+            "merged_bytes": merged_bytes(model, optimised),
+            "weight_bytes_before": weight_bytes(model),
+            "weight_bytes_after": weight_bytes(optimised),
+        },
+        "warnings": parts["warnings"],
+        "latency_calls": result.latency_calls,
+        "graphs_seen": result.graphs_seen,
+        "time_s": {"decision": result.decision_seconds, "latency": result.latency_seconds, **parts["times"]},
+        "history": [asdict(r) for r in result.history],
+        "verification": {
+            **verification.to_dict(), "rtol": config.tolerance.rtol, "atol": config.tolerance.atol,
+            "tolerances": {k: [v.rtol, v.atol] for k, v in tolerance.items()},
+            "inputs": parts["feeds_source"], "provider": "CPUExecutionProvider", "other_shapes": parts["other_check"],
+        },
+        "broken_rewrite": parts["broken"],
+    }
+
+
+def plot_series(report: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """The chart's lines: the best latency so far, and the current graph's when it differs (random, policy)."""
+    history = report["history"]
+    series: dict[str, list[tuple[int, float]]] = {}
+    start = report["latency"]["before"]["ms"]
+    series["best so far"] = [(0, start)] + [(r["step"], r["best_ms"]) for r in history]
+    if any(r["current_ms"] != r["best_ms"] for r in history):
+        series["current graph"] = [(0, start)] + [(r["step"], r["current_ms"]) for r in history]
+    return series

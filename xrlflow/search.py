@@ -1,7 +1,8 @@
-"""Search baselines over the rewrite engine: greedy, cost-based backtracking (TASO-style) and random rollouts.
+"""Searches over the rewrite engine: greedy, cost-based backtracking (TASO-style), random rollouts, and a
+trained policy's rollouts (`policy_search`, handed the policy's `choose`; this module never imports agents).
 
-All three use the same rule set (a `RewriteEngine`) and the same `LatencyService` as the RL agent, so their
-results compare directly. Each returns a `SearchResult` with the best graph found, the sequence of matches
+All of them use the same rule set (a `RewriteEngine`) and the same `LatencyService`, so their results compare
+directly, and keep their incumbent, history and seen set in a `trajectory.SearchState`. Each returns a `SearchResult` with the best graph found, the sequence of matches
 that leads from the input to it (replayable with `RewriteEngine.apply_sequence`: rewrites name new nodes
 deterministically), a latency trace per step, and the time split between deciding (matching, applying,
 hashing) and asking the latency service.
@@ -13,48 +14,45 @@ with a strictly lower latency replaces it.
 from __future__ import annotations
 
 import heapq
-import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from xrlflow.cli_options import option
 from xrlflow.engine import Match, RewriteEngine
-from xrlflow.errors import GraphError
+from xrlflow.errors import BadInputError
 from xrlflow.ir import Graph
-from xrlflow.latency import Latency, LatencyService
+from xrlflow.latency import Latency, LatencyService, NodeCosts
+from xrlflow.trajectory import SearchState, StepCallback, StepRecord, latency_ms, try_apply
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SEARCH_METHODS = ("greedy", "backtrack", "random")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    steps: int = 50  # most rewrites on one path (greedy steps, random rollout length, backtracking depth)
-    rollouts: int = 8  # random: number of rollouts
-    budget: int = 100  # backtrack: most graphs expanded (each expansion evaluates all its matches)
-    alpha: float = 1.05  # backtrack: keep candidates whose latency is within alpha x the best so far
+    steps: int = option("most rewrites on one path", 50, kind=int)  # greedy steps, rollout length, backtracking depth
+    rollouts: int = option("policy: sampled rollouts besides the greedy one; random search: rollouts", 4, kind=int)
+    budget: int = option("backtrack search: graphs expanded", 100, kind=int)  # each expansion evaluates all its matches
+    alpha: float = option("backtrack search: relaxation factor", 1.05, kind=float)  # keep graphs within alpha x the best
     min_improvement: float = 0.0  # relative gain a step must bring to count as an improvement
     max_candidates: int = 0  # greedy/backtrack: evaluate at most this many matches per graph (0: all)
-    seed: int = 0
+    seed: int = option("random search, sampled policy rollouts and random verification inputs", 0, kind=int)
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.rollouts < 1 or self.budget < 1:
-            raise ValueError("steps must be >= 0, rollouts and budget >= 1")
+        if self.steps < 0:
+            raise BadInputError("--steps must be >= 0")
+        if self.rollouts < 0:
+            raise BadInputError("--rollouts must be >= 1 for the random search (>= 0 with a policy)")
+        if self.budget < 1:
+            raise BadInputError("--budget must be >= 1")
         if self.alpha < 1.0:
-            raise ValueError("alpha must be >= 1")
+            raise BadInputError("--alpha must be >= 1")
         if not 0.0 <= self.min_improvement < 1.0:
-            raise ValueError("min_improvement must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One step of a search: the latency of the graph it reached and of the best graph so far."""
-
-    step: int
-    current_ms: float
-    best_ms: float
-    candidates: int  # matches evaluated (greedy/backtrack) or available (random) at this step
-    rollout: int = 0  # random: which rollout the step belongs to
+            raise BadInputError("min_improvement must be in [0, 1)")
 
 
 @dataclass
@@ -76,27 +74,23 @@ class SearchResult:
         return self.initial_latency.ms / self.best_latency.ms if self.best_latency.ms > 0 else 1.0
 
 
-StepCallback = Callable[[StepRecord], None]
-
-
 class TimedLatency:
     """A latency service wrapper for one search: deduplicated by structural hash, timed apart from the rest.
 
-    It is itself a `LatencyService` (the RL env can be handed one); other attributes of the wrapped service
-    (per-node costs, `compare`) pass through.
+    It is itself a `LatencyService` (the RL env can be handed one) and passes the wrapped service's per-node
+    costs through (none when it has none).
     """
 
     def __init__(self, service: LatencyService) -> None:
         self.service = service
         self.name = service.name
+        self.deterministic = service.deterministic
         self.known: dict[str, Latency] = {}
         self.seconds = 0.0
         self.calls = 0
 
-    def __getattr__(self, attribute: str):
-        if attribute == "service":  # not set yet (copy/pickle): never recurse
-            raise AttributeError(attribute)
-        return getattr(self.service, attribute)
+    def node_costs(self, graph: Graph) -> Mapping[str, float]:
+        return self.service.node_costs(graph) if isinstance(self.service, NodeCosts) else {}
 
     def latency(self, graph: Graph) -> Latency:
         key = graph.structural_hash()
@@ -115,38 +109,19 @@ class TimedLatency:
     __call__ = latency
 
 
-def _ms(latency: Latency) -> float:
-    return latency.ms if latency.ok and math.isfinite(latency.ms) else math.inf
-
-
-def _better(candidate: Latency, incumbent: Latency, min_improvement: float) -> bool:
-    return _ms(candidate) < _ms(incumbent) * (1.0 - min_improvement)
-
-
 def _children(engine: RewriteEngine, graph: Graph, limit: int) -> list[tuple[Match, Graph]]:
     matches = engine.matches(graph)
     if limit:
         matches = matches[:limit]
-    out = []
-    for match in matches:
-        try:
-            out.append((match, engine.apply(graph, match)))
-        except GraphError:
-            continue  # a rule that would create a cycle here: not a candidate
-    return out
+    return [(match, child) for match in matches if (child := try_apply(engine, graph, match)) is not None]
 
 
-def _begin(graph: Graph, service: LatencyService) -> tuple[float, TimedLatency, Latency]:
-    """The start time, the search's latency wrapper and the input's latency: the first incumbent."""
+def _begin(graph: Graph, service: LatencyService, config: SearchConfig,
+           on_step: StepCallback | None) -> tuple[float, TimedLatency, SearchState]:
+    """The start time, the search's latency wrapper and its state, the input as the first incumbent."""
     started = time.perf_counter()
     evaluate = TimedLatency(service)
-    return started, evaluate, evaluate(graph)
-
-
-def _log_step(history: list[StepRecord], on_step: StepCallback | None, record: StepRecord) -> None:
-    history.append(record)
-    if on_step:
-        on_step(record)
+    return started, evaluate, SearchState(graph, evaluate(graph), config.min_improvement, on_step)
 
 
 def greedy_search(
@@ -157,25 +132,21 @@ def greedy_search(
     on_step: StepCallback | None = None,
 ) -> SearchResult:
     """Apply the best immediate improvement until no match improves (or `steps` rewrites were applied)."""
-    started, evaluate, initial_latency = _begin(graph, service)
-    current, current_latency = graph, initial_latency
-    applied: list[Match] = []
-    history: list[StepRecord] = []
-    seen = {graph.structural_hash()}
+    started, evaluate, state = _begin(graph, service, config, on_step)
+    current = graph
     for step in range(1, config.steps + 1):
         best_child: tuple[Match, Graph, Latency] | None = None
         children = _children(engine, current, config.max_candidates)
         for match, child in children:
-            seen.add(child.structural_hash())
+            state.see(child)
             latency = evaluate(child)
-            if best_child is None or _ms(latency) < _ms(best_child[2]):
+            if best_child is None or latency_ms(latency) < latency_ms(best_child[2]):
                 best_child = (match, child, latency)
-        if best_child is None or not _better(best_child[2], current_latency, config.min_improvement):
+        if best_child is None or not state.offer(best_child[1], best_child[2], state.best_path + [best_child[0]]):
             break
-        match, current, current_latency = best_child
-        applied.append(match)
-        _log_step(history, on_step, StepRecord(step, _ms(current_latency), _ms(current_latency), len(children)))
-    return finish_result("greedy", graph, current, initial_latency, current_latency, applied, history, evaluate, started, len(seen))
+        current = state.best
+        state.log(step, latency_ms(state.best_latency), len(children))
+    return finish_result("greedy", graph, state, evaluate, started)
 
 
 def backtracking_search(
@@ -191,34 +162,27 @@ def backtracking_search(
     a new graph (dedup by structural hash) is queued when its latency is below alpha x the best so far, so
     the search may pass through slower graphs to reach faster ones. Stops after `budget` expansions.
     """
-    started, evaluate, initial_latency = _begin(graph, service)
-    best, best_latency, best_path = graph, initial_latency, []
+    started, evaluate, state = _begin(graph, service, config, on_step)
     order = 0  # tie-breaker: first queued first
-    queue: list[tuple[float, int, Graph, tuple[Match, ...]]] = [(_ms(initial_latency), order, graph, ())]
-    seen = {graph.structural_hash()}
-    history: list[StepRecord] = []
+    queue: list[tuple[float, int, Graph, tuple[Match, ...]]] = [(latency_ms(state.best_latency), order, graph, ())]
     expansions = 0
     while queue and expansions < config.budget:
-        latency_ms, _, current, path = heapq.heappop(queue)
-        if latency_ms > config.alpha * _ms(best_latency):
+        current_ms, _, current, path = heapq.heappop(queue)
+        if current_ms > config.alpha * latency_ms(state.best_latency):
             continue  # the bound tightened since it was queued
         expansions += 1
         children = _children(engine, current, config.max_candidates) if len(path) < config.steps else []
         for match, child in children:
-            key = child.structural_hash()
-            if key in seen:
+            if not state.see(child):
                 continue
-            seen.add(key)
             latency = evaluate(child)
-            child_ms = _ms(latency)
             child_path = path + (match,)
-            if _better(latency, best_latency, config.min_improvement):
-                best, best_latency, best_path = child, latency, list(child_path)
-            if child_ms < config.alpha * _ms(best_latency):
+            state.offer(child, latency, child_path)
+            if latency_ms(latency) < config.alpha * latency_ms(state.best_latency):
                 order += 1
-                heapq.heappush(queue, (child_ms, order, child, child_path))
-        _log_step(history, on_step, StepRecord(expansions, latency_ms, _ms(best_latency), len(children)))
-    return finish_result("backtrack", graph, best, initial_latency, best_latency, best_path, history, evaluate, started, len(seen))
+                heapq.heappush(queue, (latency_ms(latency), order, child, child_path))
+        state.log(expansions, current_ms, len(children))
+    return finish_result("backtrack", graph, state, evaluate, started)
 
 
 def random_search(
@@ -229,11 +193,10 @@ def random_search(
     on_step: StepCallback | None = None,
 ) -> SearchResult:
     """`rollouts` random walks of up to `steps` uniformly chosen rewrites each; the best graph on any walk wins."""
-    started, evaluate, initial_latency = _begin(graph, service)
+    if config.rollouts < 1:
+        raise BadInputError("--rollouts must be >= 1 for the random search (>= 0 with a policy)")
+    started, evaluate, state = _begin(graph, service, config, on_step)
     rng = random.Random(config.seed)
-    best, best_latency, best_path = graph, initial_latency, []
-    history: list[StepRecord] = []
-    seen = {graph.structural_hash()}
     step_count = 0
     for rollout in range(config.rollouts):
         current, path = graph, []
@@ -243,32 +206,68 @@ def random_search(
             child = None
             while matches and child is None:
                 match = matches.pop(rng.randrange(len(matches)))
-                try:
-                    child = engine.apply(current, match)
-                except GraphError:
-                    child = None
+                child = try_apply(engine, current, match)
             if child is None:
                 break
             current = child
             path.append(match)
-            seen.add(current.structural_hash())
+            state.see(current)
             latency = evaluate(current)
-            if _better(latency, best_latency, config.min_improvement):
-                best, best_latency, best_path = current, latency, list(path)
+            state.offer(current, latency, path)
             step_count += 1
-            _log_step(history, on_step, StepRecord(step_count, _ms(latency), _ms(best_latency), available, rollout))
-    return finish_result("random", graph, best, initial_latency, best_latency, best_path, history, evaluate, started, len(seen))
+            state.log(step_count, latency_ms(latency), available, rollout)
+    return finish_result("random", graph, state, evaluate, started)
 
 
-def finish_result(
-    method: str, initial: Graph, best: Graph, initial_latency: Latency, best_latency: Latency,
-    applied: Sequence[Match], history: list[StepRecord], evaluate: TimedLatency, started: float, graphs_seen: int,
+# A policy's decision: the observation, the action mask and a generator -> an action. With `rng` None it
+# decides deterministically (its most probable action). Built in `xrlflow.agents` (search never imports it).
+Choose = Callable[[Any, Any, "np.random.Generator | None"], int]
+
+
+def policy_search(
+    graph: Graph,
+    service: LatencyService,
+    make_env: Callable[[LatencyService], Any],
+    choose: Choose,
+    config: SearchConfig = SearchConfig(),
+    on_step: StepCallback | None = None,
 ) -> SearchResult:
+    """A policy's deterministic rollout plus `config.rollouts` sampled ones, each an episode of the rewrite env
+    `make_env(service)` builds over `graph` alone; the fastest graph on any rollout wins (the input included).
+    `choose` decides each step; `make_env` pads the env to fit the graph."""
+    import numpy as np
+
+    started = time.perf_counter()
+    evaluate = TimedLatency(service)
+    env = make_env(evaluate)
+    state = SearchState(graph, evaluate(graph), config.min_improvement, on_step)
+    step_count = 0
+    for rollout in range(config.rollouts + 1):
+        rng = None if rollout == 0 else np.random.default_rng([config.seed, rollout])
+        obs, _ = env.reset(seed=config.seed, options={"model": 0})
+        done = False
+        while not done:
+            action = choose(obs, env.action_masks(), rng)
+            candidates = len(env.candidates)
+            taken_before = env.steps
+            obs, _, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+            if env.steps == taken_before:
+                continue  # stop, or a rewrite the env did not take
+            step_count += 1
+            state.see(env.graph)
+            state.offer(env.graph, env.current_latency, env.applied)
+            state.log(step_count, env.current_latency.ms, candidates, rollout)
+    return finish_result("policy", graph, state, evaluate, started)
+
+
+def finish_result(method: str, initial: Graph, state: SearchState, evaluate: TimedLatency, started: float) -> SearchResult:
     total = time.perf_counter() - started
     return SearchResult(
-        method=method, initial=initial, best=best, initial_latency=initial_latency, best_latency=best_latency,
-        applied=list(applied), history=history, decision_seconds=max(0.0, total - evaluate.seconds),
-        latency_seconds=evaluate.seconds, latency_calls=evaluate.calls, graphs_seen=graphs_seen,
+        method=method, initial=initial, best=state.best, initial_latency=evaluate(initial),
+        best_latency=state.best_latency, applied=list(state.best_path), history=state.history,
+        decision_seconds=max(0.0, total - evaluate.seconds), latency_seconds=evaluate.seconds,
+        latency_calls=evaluate.calls, graphs_seen=len(state.seen),
     )
 
 
@@ -295,6 +294,6 @@ def run_search(
 
 
 __all__ = [
-    "SEARCH_METHODS", "SearchConfig", "SearchResult", "StepRecord", "TimedLatency", "finish_result", "greedy_search", "backtracking_search",
-    "random_search", "run_search",
+    "SEARCH_METHODS", "SearchConfig", "SearchResult", "StepRecord", "TimedLatency", "greedy_search",
+    "backtracking_search", "random_search", "policy_search", "run_search",
 ]

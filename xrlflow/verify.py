@@ -10,18 +10,23 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from xrlflow.cli_options import option
 from xrlflow.errors import BadInputError
+
+if TYPE_CHECKING:
+    from xrlflow.engine import Match
+    from xrlflow.ir import Graph
 
 
 @dataclass(frozen=True)
 class Tolerance:
-    rtol: float = 1e-4
-    atol: float = 1e-5
+    rtol: float = option("verification rtol", 1e-4, kind=float)
+    atol: float = option("verification atol", 1e-5, kind=float)
 
 
 @dataclass
@@ -49,10 +54,12 @@ class VerifyReport:
 
 
 def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds for the model's inputs (symbolic dims from `shapes`); ints are small non-negative ids."""
-    rng = np.random.default_rng(seed)
+    """Random feeds for the model's inputs (symbolic dims from `shapes`, else 1), drawn as the measurement
+    worker draws them (`measure_worker.random_feeds`)."""
+    from xrlflow.measure_worker import InputSpec, random_feeds
+
     init_names = {t.name for t in model.graph.initializer}
-    feeds = {}
+    specs = []
     for vi in model.graph.input:
         if vi.name in init_names:
             continue
@@ -61,14 +68,8 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] 
             shape = tuple(shapes[vi.name])
         else:
             shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if dtype.kind == "f":
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            feeds[vi.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[vi.name] = rng.integers(0, 8, shape).astype(dtype)
-    return feeds
+        specs.append(InputSpec(vi.name, tt.elem_type, shape))
+    return random_feeds(specs, seed)
 
 
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -174,3 +175,78 @@ def load_feeds(path: str) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except Exception as exc:
         raise BadInputError(f"{path}: cannot read inputs ({type(exc).__name__})") from None
+
+
+def other_binding(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+    """The bound input shapes with every dim that is symbolic in the model doubled (equal bound dims stay equal
+    and divisibility is kept); None when no symbolic dim was bound."""
+    changed = False
+    other: dict[str, tuple[int, ...]] = {}
+    for vi in model.graph.input:
+        if vi.name not in input_shapes:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        shape = []
+        for d, size in zip(dims, input_shapes[vi.name]):
+            symbolic = not d.HasField("dim_value")
+            changed |= symbolic
+            shape.append(2 * size if symbolic else size)
+        other[vi.name] = tuple(shape)
+    return other if changed else None
+
+
+def verify_at_other_shapes(
+    model: onnx.ModelProto, optimised: onnx.ModelProto, other_shapes: Mapping[str, tuple[int, ...]],
+    tolerance: Mapping[str, Tolerance], seed: int,
+) -> tuple[VerifyReport, dict[str, np.ndarray], dict[str, Any]] | str:
+    """The search saw one binding of the symbolic dims; the output must compute the same at another. Returns
+    the report, the feeds and the report entry, or why the input itself cannot run at those shapes."""
+    feeds = random_inputs(model, other_shapes, seed)
+    try:
+        expected = run_model(model, feeds)
+    except Exception as exc:
+        return f"the input model cannot run at the second binding {dict(other_shapes)} ({first_line(exc)})"
+    checked = verify_against([o.name for o in model.graph.output], expected, optimised, feeds, tolerance)
+    entry = {"input_shapes": {k: list(v) for k, v in other_shapes.items()}, **checked.to_dict()}
+    if not checked.ok:
+        checked.reason = f"at other input shapes {dict(other_shapes)}: {checked.reason}"
+    return checked, feeds, entry
+
+
+def find_breaking_rewrite(
+    reference: onnx.ModelProto,
+    path: Sequence["Graph"],
+    applied: Sequence["Match"],
+    feeds: Mapping[str, np.ndarray],
+    tolerance: Tolerance | Mapping[str, Tolerance],
+) -> tuple[int, VerifyReport] | None:
+    """The first rewrite (1-based) after which the graph stops verifying, found prefix by prefix."""
+    from xrlflow.onnx_io import to_model
+
+    for i in range(1, len(applied) + 1):
+        report = verify_models(reference, to_model(path[i], fold_constants=True), feeds, tolerance)
+        if not report.ok:
+            return i, report
+    return None
+
+
+def name_breaking_rewrite(
+    reference: onnx.ModelProto, start: "Graph", canonicalised: bool, canonical_rules: Sequence[str],
+    path: Sequence["Graph"], applied: Sequence["Match"], feeds: Mapping[str, np.ndarray],
+    tolerance: Mapping[str, Tolerance], reason: str,
+) -> dict[str, Any]:
+    """Which step broke a result that does not verify: the canonicalisation before the search, the first
+    rewrite that breaks it, or (when every prefix verifies) the export."""
+    from xrlflow.onnx_io import to_model
+
+    if canonicalised:
+        start_check = verify_models(reference, to_model(start, fold_constants=True), feeds, tolerance)
+        if not start_check.ok:
+            return {"index": 0, "rule": "canonicalisation (" + ", ".join(canonical_rules) + ")", "bound_nodes": [],
+                    "reason": start_check.reason}
+    found = find_breaking_rewrite(reference, path, applied, feeds, tolerance)
+    if found is None:
+        return {"index": 0, "rule": "(export)", "bound_nodes": [], "reason": reason}
+    index, failing = found
+    match = applied[index - 1]
+    return {"index": index, "rule": match.rule, "bound_nodes": list(match.nodes), "reason": failing.reason}

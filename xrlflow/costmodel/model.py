@@ -221,3 +221,12 @@ class CostModel:
         self._kernel_ms[kernel.signature] = terms
         return terms
 
+    def node_costs(self, graph: Graph) -> dict[str, float]:
+        """Per-node cost in ms: each kernel's cost (before any correction) spread evenly over its nodes."""
+        costs: dict[str, float] = {}
+        for kernel in self.estimate(graph).kernels:
+            share = self._terms(graph, kernel)[0] / len(kernel.nodes)
+            for name in kernel.nodes:
+                costs[name] = share
+        return costs
+

@@ -1,0 +1,141 @@
+"""Command-line flags generated from config dataclasses: each option is declared once, as a dataclass field
+with `option(...)` metadata (its help, flag spelling, choices, how a value is read), and `add_options` /
+`config_from` turn the fields into argparse flags and the parsed flags (or keyword arguments of the Python
+API, same names) back into the config. Nested config dataclasses are walked: their fields are flags too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from xrlflow.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Option:
+    help: str
+    flag: str | None = None  # default: --field-name
+    choices: tuple[str, ...] | None = None
+    kind: Callable[[str], Any] | None = None  # argparse `type` for one value (int, float)
+    read: Callable[[Any], Any] | None = None  # the flag's value (or the API's) -> the field's value
+    metavar: str | None = None
+    repeat: bool = False  # the flag may be given several times (a list of values)
+    negate: bool = False  # a bool field set False by a store_true flag (--no-...)
+    switch: bool = False  # a bool field set True by a store_true flag
+    group: str | None = None  # fields of one required mutually exclusive group
+
+
+def option(help: str, default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           **settings: Any) -> Any:
+    """A dataclass field with its command-line option."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"option": Option(help, **settings)})
+
+
+def _flag(f: dataclasses.Field, opt: Option) -> str:
+    return opt.flag or "--" + f.name.replace("_", "-")
+
+
+def dest(f: dataclasses.Field) -> str:
+    """The argparse dest (and Python API keyword) of a field: its flag without dashes."""
+    return _flag(f, f.metadata["option"]).lstrip("-").replace("-", "_")
+
+
+def _options(config_cls: type) -> list[tuple[dataclasses.Field, Option | None]]:
+    out = []
+    for f in dataclasses.fields(config_cls):
+        opt = f.metadata.get("option")
+        nested = dataclasses.is_dataclass(f.default) and not isinstance(f.default, type)
+        if opt is not None or nested:
+            out.append((f, opt))
+    return out
+
+
+def add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    groups: dict[str, Any] = {}
+    for f, opt in _options(config_cls):
+        if opt is None:
+            add_options(parser, type(f.default))
+            continue
+        target: Any = parser
+        if opt.group is not None:
+            if opt.group not in groups:
+                groups[opt.group] = parser.add_mutually_exclusive_group(required=True)
+            target = groups[opt.group]
+        help_text = opt.help
+        shown = not (opt.negate or opt.switch or opt.repeat or opt.group) and f.default not in (dataclasses.MISSING, None)
+        if shown:  # the default is the field's, never written out a second time
+            help_text += f" (default {f.default})"
+        kwargs: dict[str, Any] = {"help": help_text, "dest": dest(f)}
+        if opt.negate or opt.switch:
+            kwargs["action"] = "store_true"
+        else:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                kwargs["required"] = True
+            if opt.repeat:
+                kwargs["action"] = "append"
+            elif opt.group is None and f.default is not dataclasses.MISSING and not opt.read:
+                kwargs["default"] = f.default
+            for key in ("choices", "metavar"):
+                if getattr(opt, key) is not None:
+                    kwargs[key] = getattr(opt, key)
+            if opt.kind is not None:
+                kwargs["type"] = opt.kind
+        target.add_argument(_flag(f, opt), **kwargs)
+
+
+def config_from(config_cls: type, values: Mapping[str, Any] | argparse.Namespace) -> Any:
+    """The config from parsed flags or API keywords (by dest name); absent ones keep their defaults."""
+    if isinstance(values, argparse.Namespace):
+        values = vars(values)
+    kwargs: dict[str, Any] = {}
+    for f, opt in _options(config_cls):
+        if opt is None:
+            kwargs[f.name] = config_from(type(f.default), values)
+            continue
+        name = dest(f)
+        if name not in values or (values[name] is None and not opt.read):
+            continue
+        value = values[name]
+        if opt.negate:
+            value = not value
+        elif opt.read is not None:
+            value = opt.read(value)
+        kwargs[f.name] = value
+    return config_cls(**kwargs)
+
+
+def option_names(config_cls: type) -> set[str]:
+    """Every dest name of a config (nested ones included)."""
+    names: set[str] = set()
+    for f, opt in _options(config_cls):
+        names |= option_names(type(f.default)) if opt is None else {dest(f)}
+    return names
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse exits 2 with its usage on a bad flag; this keeps it to one line, as every xrlflow error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"xrlflow: error: {message}\n")
+
+
+def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command: exit 0 on success, 2 with one line for bad input, 1 with one line for anything else."""
+    try:
+        return int(handler(args) or 0)
+    except BadInputError as exc:
+        print(f"xrlflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xrlflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line, exit 1 (XRLFLOW_DEBUG=1 shows the traceback)
+        if os.environ.get("XRLFLOW_DEBUG"):
+            raise
+        print(f"xrlflow: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

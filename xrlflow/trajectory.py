@@ -1,0 +1,82 @@
+"""The step logic every search shares with the environment: apply a rewrite, keep the best graph, log.
+
+A `SearchState` is one search's incumbent (the best graph, its latency and the matches that lead to it), its
+step history and the graphs it has seen. The env keeps one per episode; the searches in `xrlflow.search`
+(greedy, backtracking, random, a policy's rollouts) keep one per search. Only a strictly lower latency
+replaces the incumbent, so nothing that starts from the input ends slower than it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from xrlflow.engine import Match, RewriteEngine
+from xrlflow.errors import GraphError
+from xrlflow.ir import Graph
+from xrlflow.latency import Latency
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of a search: the latency of the graph it reached and of the best graph so far."""
+
+    step: int
+    current_ms: float
+    best_ms: float
+    candidates: int  # matches evaluated (greedy/backtrack) or available (random, policy) at this step
+    rollout: int = 0  # random / policy: which rollout the step belongs to
+
+
+StepCallback = Callable[[StepRecord], None]
+
+
+def latency_ms(latency: Latency) -> float:
+    """The latency as a number to rank by: a failed or non-finite one ranks last."""
+    return latency.ms if latency.ok and math.isfinite(latency.ms) else math.inf
+
+
+def is_better(candidate: Latency, incumbent: Latency, min_improvement: float = 0.0) -> bool:
+    return latency_ms(candidate) < latency_ms(incumbent) * (1.0 - min_improvement)
+
+
+def try_apply(engine: RewriteEngine, graph: Graph, match: Match) -> Graph | None:
+    """The rewritten graph, or None when the rewrite would create a cycle here (then it is no candidate)."""
+    try:
+        return engine.apply(graph, match)
+    except GraphError:
+        return None
+
+
+class SearchState:
+    """The incumbent, the history and the seen set of one search (or one env episode)."""
+
+    def __init__(self, graph: Graph, latency: Latency, min_improvement: float = 0.0,
+                 on_step: StepCallback | None = None) -> None:
+        self.best, self.best_latency, self.best_path = graph, latency, []
+        self.min_improvement = min_improvement
+        self.on_step = on_step
+        self.history: list[StepRecord] = []
+        self.seen = {graph.structural_hash()}
+
+    def offer(self, graph: Graph, latency: Latency, path: Sequence[Match]) -> bool:
+        """Take `graph` as the incumbent when it is faster; True when it was taken."""
+        if not is_better(latency, self.best_latency, self.min_improvement):
+            return False
+        self.best, self.best_latency, self.best_path = graph, latency, list(path)
+        return True
+
+    def see(self, graph: Graph) -> bool:
+        """Add the graph to the seen set; True when it is new."""
+        key = graph.structural_hash()
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+    def log(self, step: int, current_ms: float, candidates: int, rollout: int = 0) -> None:
+        record = StepRecord(step, current_ms, latency_ms(self.best_latency), candidates, rollout)
+        self.history.append(record)
+        if self.on_step is not None:
+            self.on_step(record)
