@@ -74,9 +74,12 @@ def check_fingerprint(meta: Mapping[str, Any], expected: str | None = None, wher
         expected = RULE_FINGERPRINT
     found = meta.get("rule_fingerprint")
     if found != expected:
+        from xrlflow.shipped import DEFAULT_POLICY
+
         raise BadInputError(
             f"{where} was trained with rule registry {found} but this build has {expected}; "
-            "retrain or use the matching xrlflow version")
+            f"use the shipped policy {DEFAULT_POLICY} (--policy checkpoints/{DEFAULT_POLICY}, trained on this "
+            "registry), retrain, or use the matching xrlflow version")
 
 
 @dataclass
@@ -126,22 +129,24 @@ class TrainedPolicy:
         """The `xrlflow.search.Choose` of this policy: its most probable action without `rng`, else a sample."""
         return int(self.act(obs, masks, deterministic=rng is None, rng=rng))
 
-    def env_maker(self, graph: Graph, engine: RewriteEngine, steps: int) -> Callable[[Any], GraphRewriteEnv]:
+    def env_maker(self, graph: Graph, engine: RewriteEngine, steps: int) -> Callable[..., GraphRewriteEnv]:
         """What `xrlflow.search.policy_search` builds its env with: the trained env config (its op vocabulary
         fixes the feature layout) padded to fit `graph` alone.
 
         The policy scores each candidate on its own, so any padding works; room is left for rewrites that add
-        nodes (Concat/Split of merges)."""
+        nodes (Concat/Split of merges) and for the macro slots beside the single ones. The env is built as
+        `maker(latency, predictor=None)` (the predictor prices the candidates' predicted gain)."""
         trained = self.env_config
         edges = sum(1 for n in graph.nodes.values() for v in n.inputs if v and v in graph.producer)
         config = dataclasses.replace(
             trained,
             max_nodes=max(trained.max_nodes, 2 * len(graph) + 64),
             max_edges=max(trained.max_edges, 2 * edges + 128),
-            max_candidates=max(trained.max_candidates, len(engine.matches(graph))),
+            max_candidates=max(trained.max_candidates, 2 * len(engine.matches(graph)) + 16),
             max_steps=max(1, steps),
         )
-        return lambda latency: GraphRewriteEnv([("model", graph)], latency, config, engine)
+        return lambda latency, predictor=None: GraphRewriteEnv([("model", graph)], latency, config, engine,
+                                                               predictor=predictor)
 
     def act(self, obs: Mapping[str, np.ndarray], masks: np.ndarray, deterministic: bool = True,
             rng: np.random.Generator | None = None) -> int | np.ndarray:

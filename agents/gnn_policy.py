@@ -2,7 +2,10 @@
 
 The encoder (GINEConv layers with edge features, messages both along and against the dataflow) embeds every
 node of the current graph. Each candidate's logit is MLP(rule embedding + anchor node embedding + mean of its
-bound nodes' embeddings + graph embedding); the stop logit and the value come from the graph embedding. No
+bound nodes' embeddings + graph embedding + the candidate's own features: predicted gain, macro flag, sites);
+the stop logit comes from the graph embedding plus the best predicted gain on offer and whether any candidate
+is predicted to gain; the value from the graph embedding. A policy saved before the candidate features
+existed has no `candidate_features` in its observation space and is built without them. No
 weight is tied to a candidate slot, so one policy runs on any graph size and any number of candidates.
 
 SB3 wiring: the features extractor returns [logits of every slot and stop | value features]; the MLP extractor
@@ -24,6 +27,8 @@ from torch import nn
 from torch_geometric.nn import GINEConv, global_max_pool, global_mean_pool
 
 from xrlflow.cli_options import option
+
+FEATURE_FLOOR = 4.0  # the stop head's "best predicted gain" when no slot is valid is 0; clamp below at -4
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,12 @@ class CandidateScorer(BaseFeaturesExtractor):
         self.encoder = GraphEncoder(
             int(observation_space["node_features"].shape[-1]), int(observation_space["edge_features"].shape[-1]), cfg)
         h = hidden
+        spaces = observation_space.spaces
+        self.candidate_features = int(spaces["candidate_features"].shape[-1]) if "candidate_features" in spaces else 0
+        stop_extra = 2 if self.candidate_features else 0
         self.rule_embedding = nn.Embedding(self.num_rules, rule_embedding)
-        self.candidate_head = _mlp([rule_embedding + 3 * h, h, h, 1])
-        self.stop_head = _mlp([h, h, 1])
+        self.candidate_head = _mlp([rule_embedding + 3 * h + self.candidate_features, h, h, 1])
+        self.stop_head = _mlp([h + stop_extra, h, 1])
         self.value_features = _mlp([h, h])
 
     def scores(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +131,19 @@ class CandidateScorer(BaseFeaturesExtractor):
         anchor = emb[:, :, 0]
         rule_emb = self.rule_embedding(rules.clamp(min=0, max=self.num_rules - 1))
         graph_per_slot = graph_emb[:, None, :].expand(batch_size, num_slots, graph_emb.shape[1])
-        logits = self.candidate_head(torch.cat([rule_emb, anchor, mean_bound, graph_per_slot], -1)).squeeze(-1)
+        parts = [rule_emb, anchor, mean_bound, graph_per_slot]
+        stop_input = graph_emb
+        if self.candidate_features:
+            feats = obs["candidate_features"] * valid_slot[..., None]
+            parts.append(feats)
+            gain = torch.where(valid_slot, feats[..., 0], torch.full_like(feats[..., 0], -FEATURE_FLOOR))
+            best_gain = gain.max(1).values.clamp(min=-FEATURE_FLOOR) if num_slots else torch.zeros(batch_size)
+            best_gain = torch.where(valid_slot.any(1), best_gain, torch.zeros_like(best_gain))
+            stop_input = torch.cat([graph_emb, best_gain[:, None], feats[..., 1].amax(1, keepdim=True)
+                                    if num_slots else torch.zeros(batch_size, 1)], 1)
+        logits = self.candidate_head(torch.cat(parts, -1)).squeeze(-1)
         logits = torch.where(valid_slot, logits, torch.full_like(logits, -1e8))
-        stop = self.stop_head(graph_emb)
+        stop = self.stop_head(stop_input)
         return torch.cat([logits, stop], 1), self.value_features(graph_emb)
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

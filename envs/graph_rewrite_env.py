@@ -1,30 +1,50 @@
-"""`xrlflow/GraphRewrite-v0`: pick one rewrite (or stop) per step; reward from a latency service.
+"""`xrlflow/GraphRewrite-v0`: pick one rewrite, one rewrite at every identical site, or stop, per step.
 
 Observation (a Dict of fixed-size padded arrays, because SB3 needs fixed shapes):
-    node_features   float32 (max_nodes, node_feature_size)   rows in the graph's topological order, 0 padding
-    edge_index      int64   (2, max_edges)                   producer row -> consumer row, -1 padding
-    edge_features   float32 (max_edges, EDGE_FEATURES)       0 padding
-    candidate_rules int64   (max_candidates,)                rule index in the engine's order, -1 padding
-    candidate_nodes int64   (max_candidates, max_bound)      node rows a candidate binds (anchor first), -1 padding
-    counts          int64   (3,)                             valid nodes, edges, candidates (a Box: SB3 one-hots Discrete)
+    node_features      float32 (max_nodes, node_feature_size)  rows in the graph's topological order, 0 padding;
+                                                               the per-node cost column holds the latency
+                                                               service's per-node costs (`EnvConfig.node_costs`)
+    edge_index         int64   (2, max_edges)                  producer row -> consumer row, -1 padding
+    edge_features      float32 (max_edges, EDGE_FEATURES)      0 padding
+    candidate_rules    int64   (max_candidates,)               rule index in the engine's order, -1 padding
+    candidate_nodes    int64   (max_candidates, max_bound)     node rows a candidate binds (anchor first), -1 padding
+    candidate_features float32 (max_candidates, CANDIDATE_FEATURES)  per slot: the predicted gain (see below) as
+                                                               sign(g) log1p(10 |g|) / 4, g > 0, g < 0, macro
+                                                               flag, log2(sites) / 4; 0 padding
+    counts             int64   (3,)                            valid nodes, edges, candidates (a Box: SB3 one-hots Discrete)
 
-Action: Discrete(max_candidates + 1); action i < num_candidates applies candidate i, action max_candidates
-stops. `action_masks()` is True exactly on the valid candidates and on stop. An action outside the mask
-(padding) is treated as stop and flagged with `info["invalid_action"] = True`: the env never asserts.
+Action: Discrete(max_candidates + 1); action i < num_candidates takes slot i, action max_candidates stops.
+`action_masks()` is True on stop and on every valid slot except those already taken from this same graph
+earlier in the episode. An action outside the mask is treated as stop and flagged with
+`info["invalid_action"] = True` (stop itself is not flagged): the env never asserts.
 
-Candidates: the engine's matches in engine order. When there are more than max_candidates, a per-rule
-round-robin keeps the first match of every rule, then the second of every rule, ... until max_candidates are
-chosen (so every rule stays represented); the chosen ones keep engine order and `info["candidates_dropped"]`
-says how many were left out. A match binding more than max_bound nodes shows its first max_bound nodes.
+Slots: first the single matches, then (`EnvConfig.macro_actions`) the macro slots. A macro applies one rule
+at every structurally identical site (`xrlflow.sites.site_groups`: same rule, same bound ops, attributes,
+shapes, constness and wiring, non-overlapping), one after the other (`xrlflow.sites.apply_at_sites`); its slot
+shows the first site's nodes. Macros get at most half the slots; when there are more single matches than
+the rest, a per-rule round-robin keeps the first match of every rule, then the second of every rule, ...;
+the chosen ones keep engine order and `info["candidates_dropped"]` says how many slots were left out.
 
-Reward: 100 * (L_prev - L_new) / L_initial, no living bonus. A failed measurement (Latency.ok False) ends
-the episode with reward `config.failure_penalty` (info["measurement_failed"]) and the failing graph is not
-taken; a rewrite that grows the graph past max_nodes/max_edges ends the episode with reward 0
+Predicted gain (`EnvConfig.cost_features`): 100 x (predicted latency decrease) / current predicted latency,
+from the env's `predictor` (by default the latency service itself when it is deterministic, i.e. the cost
+model; a measured service gets no predictor unless one is given, and the column stays 0). It is priced on
+the rewrite's changed region only (`xrlflow.sites.local_cost_delta`, equal to the whole-graph difference)
+once per group of identical sites, on the group's first match; a macro's gain is that times its sites.
+
+Reward: 100 * (L_prev - L_new) / L_initial, no living bonus. **Returning to a graph already seen in the
+episode is penalised**: the step's reward is lowered by `config.revisit_penalty` (info["revisit"]), and the
+way out taken before from that graph is masked, so a walk cannot cycle. A failed measurement (Latency.ok
+False) ends the episode with reward `config.failure_penalty` (info["measurement_failed"]) and the failing
+graph is not taken; a rewrite that grows the graph past max_nodes/max_edges ends the episode with reward 0
 (info["graph_too_large"]) and is not taken either; a rewrite the engine refuses (GraphError: a bug in a rule's
-find()) ends the episode with reward 0, a RuntimeWarning and info["rewrite_error"]. Terminated on stop or
-when no candidate is left; truncated after `config.max_steps` rewrites.
+find()) ends the episode with reward 0, a RuntimeWarning and info["rewrite_error"].
 
-`best_graph` / `best_latency` hold the fastest graph seen in the current episode (the initial one included).
+Episode end: terminated on stop (learned: the stop logit) or when no unmasked slot is left; truncated after
+`config.max_steps` steps, or after `config.patience` steps in a row without a new best graph (no improving
+chain was left within reach; 0 turns this off).
+
+`best_graph` / `best_latency` / `best_path` hold the fastest graph seen in the current episode (the initial one
+included) and the matches that lead to it.
 """
 
 from __future__ import annotations
@@ -45,10 +65,14 @@ from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFea
 from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import Graph
 from xrlflow.latency import Latency, LatencyService, NodeCosts
+from xrlflow.sites import apply_at_sites, local_cost_delta, site_groups, site_signature
 from xrlflow.trajectory import SearchState
 
 ENV_ID = "xrlflow/GraphRewrite-v0"
 FEATURE_BOUND = 64.0  # features are log-scaled and non-negative (see features.py); far above any real value
+CANDIDATE_FEATURES = 5
+
+Slot = tuple[Match, ...]  # one match, or a macro: the same rule at several identical sites
 
 
 @dataclass(frozen=True)
@@ -57,17 +81,25 @@ class EnvConfig:
     max_edges: int = 4096
     max_candidates: int = option("candidate slots per step", 256, kind=int)
     max_bound: int = 8  # bound nodes shown per candidate
-    max_steps: int = option("rewrites per episode", 50, kind=int)  # before truncation
+    # A macro does a 4-5-step chain in all 12 layers of BERT in 4-5 steps; 64 leaves room for the merges, the
+    # CNNs' unrepeated sites and detours through slower graphs, and `patience` ends aimless walks earlier.
+    max_steps: int = option("steps (rewrites or macros) per episode", 64, kind=int)  # before truncation
     failure_penalty: float = -10.0  # reward when the latency service fails on a rewritten graph
     op_vocabulary: tuple[str, ...] = field(default=DEFAULT_OP_VOCABULARY)
     # Fill the per-node cost column from the latency service's `node_costs` (when it has them, see
     # `xrlflow.latency.NodeCosts`). Checkpoints written before the column was filled trained on zeros.
     node_costs: bool = True
+    macro_actions: bool = True  # offer "this rule at every identical site" slots
+    cost_features: bool = True  # fill the predicted-gain candidate features
+    revisit_penalty: float = 1.0  # subtracted from the reward of a step that lands on a graph seen before
+    patience: int = 16  # truncate after this many steps without a new best graph (0: never)
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "max_edges", "max_candidates", "max_bound", "max_steps"):
             if int(getattr(self, name)) < 1:
                 raise BadInputError(f"EnvConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.patience < 0 or self.revisit_penalty < 0:
+            raise BadInputError("EnvConfig.patience and revisit_penalty must be >= 0")
 
     @property
     def node_feature_size(self) -> int:
@@ -89,7 +121,12 @@ class EnvConfig:
         if unknown:
             raise BadInputError(f"unknown env config field(s): {', '.join(unknown)}")
         values = dict(d)
-        values.setdefault("node_costs", False)  # a run.json from before the field: the column was always 0
+        # a run.json from before a field: what the env did then
+        values.setdefault("node_costs", False)  # the column was always 0
+        values.setdefault("macro_actions", False)
+        values.setdefault("cost_features", False)
+        values.setdefault("revisit_penalty", 0.0)
+        values.setdefault("patience", 0)
         if "op_vocabulary" in values:
             values["op_vocabulary"] = tuple(values["op_vocabulary"])
         return EnvConfig(**values)
@@ -104,6 +141,7 @@ def observation_space(config: EnvConfig, num_rules: int) -> spaces.Dict:
         "edge_features": spaces.Box(0.0, FEATURE_BOUND, (e, config.edge_feature_size), np.float32),
         "candidate_rules": spaces.Box(-1, max(num_rules - 1, 0), (c,), np.int64),
         "candidate_nodes": spaces.Box(-1, n - 1, (c, b), np.int64),
+        "candidate_features": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (c, CANDIDATE_FEATURES), np.float32),
         "counts": spaces.Box(0, max(n, e, c), (3,), np.int64),
     })
 
@@ -136,6 +174,7 @@ class GraphRewriteEnv(gym.Env):
         config: EnvConfig | None = None,
         engine: RewriteEngine | None = None,
         render_mode: str | None = None,
+        predictor: LatencyService | None = None,
     ) -> None:
         super().__init__()
         items = list(graphs.items()) if isinstance(graphs, Mapping) else list(graphs)
@@ -161,13 +200,18 @@ class GraphRewriteEnv(gym.Env):
         self.action_space = spaces.Discrete(self.config.max_candidates + 1)
         self._initial_latency: dict[int, Latency] = {}
         self._node_costs = latency.node_costs if self.config.node_costs and isinstance(latency, NodeCosts) else None
+        # what prices the candidates' predicted gain: a cheap deterministic service (the cost model)
+        self.predictor = predictor if predictor is not None else (latency if latency.deterministic else None)
         self.model_index = 0
         self.graph: Graph = self.graphs[0]
         self._episode: SearchState | None = None  # this episode's best graph and the path to it
         self.current_latency: Latency | None = None
         self.steps = 0
         self.episode_done = True
-        self._candidates: list[Match] = []
+        self._slots: list[Slot] = []
+        self._singles = 0
+        self._children: dict[int, Graph] = {}  # slot -> its graph, where pricing it already built it
+        self._features = np.zeros((0, CANDIDATE_FEATURES), np.float32)
         self._dropped = 0
         self._applied: list[Match] = []
 
@@ -193,6 +237,11 @@ class GraphRewriteEnv(gym.Env):
     @property
     def best_latency(self) -> Latency | None:
         return self._episode.best_latency if self._episode is not None else None
+
+    @property
+    def best_path(self) -> list[Match]:
+        """The matches from the episode's start to `best_graph`."""
+        return list(self._episode.best_path) if self._episode is not None else []
 
     @property
     def applied(self) -> list[Match]:
@@ -246,38 +295,51 @@ class GraphRewriteEnv(gym.Env):
         if self.episode_done:
             raise RuntimeError("step() called on a finished episode; call reset()")
         action = int(action)
-        info_extra: dict[str, Any] = {"invalid_action": False, "measurement_failed": False, "graph_too_large": False}
-        valid = 0 <= action < len(self._candidates)
+        info_extra: dict[str, Any] = {"invalid_action": False, "measurement_failed": False, "graph_too_large": False,
+                                      "revisit": False}
+        valid = 0 <= action < len(self._slots) and not self._episode.was_taken(self.graph, self._slots[action])
         if not valid:
             info_extra["invalid_action"] = action != self.config.max_candidates
             return self._finish(0.0, terminated=True, truncated=False, rule=None, extra=info_extra)
 
-        match = self._candidates[action]
+        slot = self._slots[action]
+        rule = slot[0].rule
+        info_extra["sites"] = len(slot)
         try:
-            new_graph = self.engine.apply(self.graph, match)
+            new_graph = self._children.get(action)
+            if new_graph is None or len(slot) > 1:
+                new_graph, applied = apply_at_sites(self.engine, self.graph, slot)
+            else:
+                applied = list(slot)
         except GraphError as exc:  # a rule's find() offered a binding its rewrite cannot do: a rule bug
-            warnings.warn(f"rule {match.rule} failed at {match.nodes}: {exc}", RuntimeWarning, stacklevel=2)
-            info_extra["rewrite_error"] = f"{match.rule}: {exc}"
-            return self._finish(0.0, terminated=True, truncated=False, rule=match.rule, extra=info_extra)
+            warnings.warn(f"rule {rule} failed at {slot[0].nodes}: {exc}", RuntimeWarning, stacklevel=2)
+            info_extra["rewrite_error"] = f"{rule}: {exc}"
+            return self._finish(0.0, terminated=True, truncated=False, rule=rule, extra=info_extra)
         if self._arrays(new_graph) is None:  # grew past the padding: keep the current graph, end the episode
             info_extra["graph_too_large"] = True
-            return self._finish(0.0, terminated=True, truncated=False, rule=match.rule, extra=info_extra)
+            return self._finish(0.0, terminated=True, truncated=False, rule=rule, extra=info_extra)
         lat = self.latency_service.latency(new_graph)
         if not lat.ok:
             info_extra["measurement_failed"] = True
             info_extra["failure_reason"] = lat.reason
-            return self._finish(self.config.failure_penalty, terminated=True, truncated=False, rule=match.rule,
+            return self._finish(self.config.failure_penalty, terminated=True, truncated=False, rule=rule,
                                 extra=info_extra)
         initial = self._initial(self.model_index).ms
         reward = 100.0 * (self.current_latency.ms - lat.ms) / initial
+        self._episode.take(self.graph, slot)
+        if not self._episode.see(new_graph):
+            reward -= self.config.revisit_penalty
+            info_extra["revisit"] = True
         self.graph, self.current_latency = new_graph, lat
-        self._applied.append(match)
+        self._applied.extend(applied)
         self.steps += 1
         self._episode.offer(new_graph, lat, self._applied)
         self._refresh_candidates()
-        terminated = not self._candidates
-        truncated = not terminated and self.steps >= self.config.max_steps
-        return self._finish(reward, terminated=terminated, truncated=truncated, rule=match.rule, extra=info_extra)
+        terminated = not self.action_masks()[: len(self._slots)].any()
+        truncated = not terminated and (
+            self.steps >= self.config.max_steps
+            or (self.config.patience > 0 and self._episode.steps_since_best >= self.config.patience))
+        return self._finish(reward, terminated=terminated, truncated=truncated, rule=rule, extra=info_extra)
 
     def _finish(self, reward: float, terminated: bool, truncated: bool, rule: str | None, extra: dict[str, Any]):
         self.episode_done = terminated or truncated
@@ -289,7 +351,11 @@ class GraphRewriteEnv(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         mask = np.zeros(self.config.max_candidates + 1, dtype=bool)
-        mask[: len(self._candidates)] = True
+        mask[: len(self._slots)] = True
+        if self._episode is not None and self._episode.taken:
+            for i, slot in enumerate(self._slots):
+                if self._episode.was_taken(self.graph, slot):
+                    mask[i] = False
         mask[-1] = True
         return mask
 
@@ -298,18 +364,72 @@ class GraphRewriteEnv(gym.Env):
             return None
         lat = self.current_latency
         return (f"{self.model_name}: step {self.steps}, {len(self.graph)} nodes, "
-                f"{lat.ms if lat else float('nan'):.4f} ms, {len(self._candidates)} candidates")
+                f"{lat.ms if lat else float('nan'):.4f} ms, {len(self._slots)} candidates")
 
     # ---- internals -------------------------------------------------------------------------------------------
     @property
     def candidates(self) -> list[Match]:
-        """The matches behind the current candidate slots (slot i is candidates[i])."""
-        return list(self._candidates)
+        """The single matches behind the first slots (slot i is candidates[i] for i < len(candidates))."""
+        return [slot[0] for slot in self._slots[: self._singles]]
+
+    @property
+    def slots(self) -> list[Slot]:
+        """Every slot's matches: one for a single rewrite, several for a macro (slot i is slots[i])."""
+        return list(self._slots)
+
+    @property
+    def candidate_features(self) -> np.ndarray:
+        return self._features.copy()
 
     def _refresh_candidates(self) -> None:
-        matches = self.engine.matches(self.graph)
-        self._candidates = select_candidates(matches, self.config.max_candidates, self.engine.rule_index)
-        self._dropped = len(matches) - len(self._candidates)
+        memo = self.graph.memo()
+        key = ("xrlflow.env.slots", self.config, id(self.predictor), self.engine.fingerprint, self.engine.allowed)
+        self._children = {}
+        if key not in memo:
+            # the children are kept for this step only: in the memo they would keep every graph explored alive
+            slots, singles, features, dropped, self._children = self._compute_slots(self.graph)
+            memo[key] = (slots, singles, features, dropped)
+        self._slots, self._singles, self._features, self._dropped = memo[key]
+
+    def _compute_slots(self, g: Graph):
+        cfg = self.config
+        matches = self.engine.matches(g)
+        signatures = [site_signature(g, m) for m in matches] if (cfg.macro_actions or cfg.cost_features) else []
+        groups = site_groups(g, matches, signatures) if signatures else []
+        macros = [grp for grp in groups if len(grp) >= 2] if cfg.macro_actions else []
+        macro_room = min(len(macros), cfg.max_candidates // 2)
+        singles = select_candidates(matches, cfg.max_candidates - macro_room, self.engine.rule_index)
+        slots: list[Slot] = [(m,) for m in singles] + list(macros[:macro_room])
+        dropped = len(matches) - len(singles) + len(macros) - macro_room
+        features = np.zeros((len(slots), CANDIDATE_FEATURES), np.float32)
+        children: dict[int, Graph] = {}
+        if cfg.cost_features and self.predictor is not None and slots:
+            signature_of = dict(zip(matches, signatures))
+            gain_of: dict[int, float] = {}
+            current_ms = self.predictor.latency(g).ms
+            for i, slot in enumerate(slots):
+                sig = signature_of[slot[0]]
+                if sig not in gain_of:
+                    try:
+                        child = self.engine.apply(g, slot[0])
+                    except GraphError:
+                        child = None
+                    if child is None or not current_ms > 0:
+                        gain_of[sig] = 0.0
+                    else:
+                        delta = local_cost_delta(self.predictor, g, child)
+                        gain_of[sig] = 100.0 * -delta / current_ms
+                        if len(slot) == 1:
+                            children[i] = child
+                gain = gain_of[sig] * len(slot)
+                features[i, 0] = math.copysign(math.log1p(10.0 * abs(gain)), gain) / 4.0
+                features[i, 1] = float(gain > 1e-9)
+                features[i, 2] = float(gain < -1e-9)
+        for i, slot in enumerate(slots):
+            features[i, 3] = float(len(slot) > 1)
+            features[i, 4] = math.log2(len(slot)) / 4.0
+        np.clip(features, -FEATURE_BOUND, FEATURE_BOUND, out=features)
+        return slots, len(singles), features, dropped, children
 
     def _info(self, rule: str | None) -> dict[str, Any]:
         initial = self._initial(self.model_index).ms
@@ -324,7 +444,7 @@ class GraphRewriteEnv(gym.Env):
             "best_latency_ms": best,
             "best_speedup": initial / best if best > 0 else math.nan,
             "best_hash": self.best_graph.structural_hash(),
-            "num_candidates": len(self._candidates),
+            "num_candidates": len(self._slots),
             "candidates_dropped": self._dropped,
             "steps": self.steps,
         }
@@ -349,17 +469,20 @@ class GraphRewriteEnv(gym.Env):
             "edge_features": np.zeros((cfg.max_edges, cfg.edge_feature_size), np.float32),
             "candidate_rules": np.full(cfg.max_candidates, -1, np.int64),
             "candidate_nodes": np.full((cfg.max_candidates, cfg.max_bound), -1, np.int64),
+            "candidate_features": np.zeros((cfg.max_candidates, CANDIDATE_FEATURES), np.float32),
             "counts": np.zeros(3, np.int64),
         }
         n, e = len(nodes), edge_index.shape[1]
         obs["node_features"][:n] = nodes
         obs["edge_index"][:, :e] = edge_index
         obs["edge_features"][:e] = edge_features
-        for i, m in enumerate(self._candidates):
+        for i, slot in enumerate(self._slots):
+            m = slot[0]
             obs["candidate_rules"][i] = self.engine.rule_index[m.rule]
             bound = [row_of[name] for name in m.nodes[: cfg.max_bound]]
             obs["candidate_nodes"][i, : len(bound)] = bound
-        obs["counts"][:] = (n, e, len(self._candidates))
+        obs["candidate_features"][: len(self._slots)] = self._features
+        obs["counts"][:] = (n, e, len(self._slots))
         return obs
 
     def _graph_arrays(self, g: Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]] | None:

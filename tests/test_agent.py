@@ -53,6 +53,7 @@ def test_permuting_candidates_permutes_logits():
     shuffled = {k: v.copy() for k, v in obs.items()}
     shuffled["candidate_rules"][:n] = obs["candidate_rules"][:n][perm]
     shuffled["candidate_nodes"][:n] = obs["candidate_nodes"][:n][perm]
+    shuffled["candidate_features"][:n] = obs["candidate_features"][:n][perm]
     with torch.no_grad():
         logits_p, value_p = policy.features_extractor.scores(_batch(shuffled))
     assert torch.allclose(logits_p[0, :n], logits[0, :n][perm], atol=1e-5)

@@ -17,7 +17,9 @@ from xrlflow.onnx_io import load_graph
 from xrlflow.rules import default_engine
 
 ENGINE = default_engine()
-SMALL = EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=10)
+# The single-rewrite contract (no macro slots, no revisit penalty, no patience); the tests at the end cover those.
+PLAIN = dict(macro_actions=False, revisit_penalty=0.0, patience=0)
+SMALL = EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=10, **PLAIN)
 
 
 def inception_pair():
@@ -139,7 +141,7 @@ def test_slower_rewrite_does_not_replace_best_graph():
 
 
 def test_truncation_is_flagged():
-    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=1))
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=1, **PLAIN))
     env.reset(options={"model": "pair"})
     obs, reward, terminated, truncated, info = env.step(0)  # enlarge-conv-kernel leaves candidates
     assert info["num_candidates"] > 0
@@ -158,7 +160,7 @@ def test_masked_action_is_treated_as_stop():
 
 
 def test_terminates_exactly_when_no_candidate_is_left():
-    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=50))
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=50, **PLAIN))
     rng = np.random.default_rng(1)
     for episode in range(6):
         env.reset(seed=episode)
@@ -185,7 +187,7 @@ def test_candidate_cap_round_robin_keeps_every_rule():
     rules = {m.rule for m in matches}
     assert len(matches) > len(rules) >= 2, "the fixture must have more matches than rules"
     cap = len(rules)
-    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=cap, max_steps=5), only=graph)
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=cap, max_steps=5, **PLAIN), only=graph)
     obs, info = env.reset()
     assert info["candidates_dropped"] == len(matches) - cap
     assert {m.rule for m in env.candidates} == rules

@@ -292,9 +292,13 @@ def _search(config: OptimizeConfig, graph: Graph, engine: RewriteEngine, service
 def search_with_policy(policy_path: str, graph: Graph, engine: RewriteEngine, service: LatencyService,
                        config: SearchConfig, device: str = "cpu", on_step: StepCallback | None = None) -> SearchResult:
     """The policy's deterministic rollout plus `config.rollouts` sampled ones (`search.policy_search`); with
-    --rules/--disable-rules the trained action layout stays and only the selected rules' matches are offered."""
+    --rules/--disable-rules the trained action layout stays and only the selected rules' matches are offered.
+    The rollouts walk on the device's cost model; `service` (when it is not that cost model) is asked only
+    about each rollout's final and best graph, each distinct graph once. With `on_step` (progress on) a
+    second bar counts rollouts, then measurements."""
     from xrlflow.agents import load_policy, policy_device
     from xrlflow.rules import default_engine
+    from xrlflow.services import make_latency_service
 
     policy = load_policy(policy_path, device=policy_device(device))
     if engine.fingerprint != policy.rule_fingerprint:
@@ -302,7 +306,27 @@ def search_with_policy(policy_path: str, graph: Graph, engine: RewriteEngine, se
     if engine.fingerprint != policy.rule_fingerprint:
         raise BadInputError(f"--policy {policy_path}: trained on another rule registry")
     make_env = policy.env_maker(graph, engine, config.steps)
-    return policy_search(graph, service, make_env, policy.choose, config, on_step)
+    predictor = service if service.deterministic else make_latency_service("cost", device)
+    bar = None
+    progress = None
+    if on_step is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.rollouts + 1, desc="rollouts", unit="rollout", leave=False, file=sys.stderr,
+                   dynamic_ncols=True, position=1)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase == "measure" and bar.desc != "measuring":
+                bar.reset(total=total)
+                bar.set_description_str("measuring")
+            bar.n = done
+            bar.refresh()
+    try:
+        return policy_search(graph, service, make_env, policy.choose, config, on_step, predictor=predictor,
+                             progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _verify(

@@ -224,40 +224,68 @@ def random_search(
 Choose = Callable[[Any, Any, "np.random.Generator | None"], int]
 
 
+# Progress of a policy search: (phase, done, total) with phase "rollout" or "measure".
+PolicyProgress = Callable[[str, int, int], None]
+
+
 def policy_search(
     graph: Graph,
     service: LatencyService,
-    make_env: Callable[[LatencyService], Any],
+    make_env: Callable[[LatencyService, LatencyService | None], Any],
     choose: Choose,
     config: SearchConfig = SearchConfig(),
     on_step: StepCallback | None = None,
+    predictor: LatencyService | None = None,
+    progress: PolicyProgress | None = None,
 ) -> SearchResult:
     """A policy's deterministic rollout plus `config.rollouts` sampled ones, each an episode of the rewrite env
-    `make_env(service)` builds over `graph` alone; the fastest graph on any rollout wins (the input included).
-    `choose` decides each step; `make_env` pads the env to fit the graph."""
+    `make_env(latency, predictor)` builds over `graph` alone (`choose` decides each step; `make_env` pads the env to fit).
+
+    The rollouts walk on the `predictor`'s latencies (the cost model; by default `service` itself). Only each
+    rollout's final graph and its best graph by the predictor are then given to `service`, each distinct
+    graph once (by structural hash), and the fastest of those by `service` wins, the input included. With
+    `service` the predictor itself nothing is priced twice. `on_step` sees every rollout step (latencies by
+    the predictor); `progress` sees rollouts and measurements done."""
     import numpy as np
 
     started = time.perf_counter()
     evaluate = TimedLatency(service)
-    env = make_env(evaluate)
-    state = SearchState(graph, evaluate(graph), config.min_improvement, on_step)
+    walk_service = predictor if predictor is not None else service
+    same = walk_service is service
+    # the env prices candidates with the bare predictor (not through `evaluate`: those are no measurements)
+    env = make_env(evaluate, service) if same else make_env(walk_service, walk_service)
+    state = SearchState(graph, evaluate(graph), config.min_improvement)
+    walk = SearchState(graph, env.latency_service.latency(graph), config.min_improvement, on_step)
     step_count = 0
-    for rollout in range(config.rollouts + 1):
+    shortlist: dict[str, tuple[Graph, list[Match]]] = {}
+    total = config.rollouts + 1
+    for rollout in range(total):
         rng = None if rollout == 0 else np.random.default_rng([config.seed, rollout])
         obs, _ = env.reset(seed=config.seed, options={"model": 0})
         done = False
         while not done:
             action = choose(obs, env.action_masks(), rng)
-            candidates = len(env.candidates)
+            candidates = len(env.slots)
             taken_before = env.steps
             obs, _, terminated, truncated, _ = env.step(action)
             done = terminated or truncated
             if env.steps == taken_before:
                 continue  # stop, or a rewrite the env did not take
             step_count += 1
-            state.see(env.graph)
-            state.offer(env.graph, env.current_latency, env.applied)
-            state.log(step_count, env.current_latency.ms, candidates, rollout)
+            walk.see(env.graph)
+            walk.offer(env.graph, env.current_latency, env.applied)
+            walk.log(step_count, env.current_latency.ms, candidates, rollout)
+        for g, path in ((env.graph, env.applied), (env.best_graph, env.best_path)):
+            shortlist.setdefault(g.structural_hash(), (g, path))
+        if progress is not None:
+            progress("rollout", rollout + 1, total)
+    shortlist.pop(graph.structural_hash(), None)
+    for done_count, (g, path) in enumerate(shortlist.values(), 1):
+        state.offer(g, evaluate(g), path)
+        if progress is not None:
+            progress("measure", done_count, len(shortlist))
+    state.history = walk.history
+    state.seen = walk.seen
     return finish_result("policy", graph, state, evaluate, started)
 
 
@@ -295,5 +323,5 @@ def run_search(
 
 __all__ = [
     "SEARCH_METHODS", "SearchConfig", "SearchResult", "StepRecord", "TimedLatency", "greedy_search",
-    "backtracking_search", "random_search", "policy_search", "run_search",
+    "backtracking_search", "random_search", "policy_search", "PolicyProgress", "run_search",
 ]

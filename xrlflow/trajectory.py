@@ -1,7 +1,9 @@
 """The step logic every search shares with the environment: apply a rewrite, keep the best graph, log.
 
 A `SearchState` is one search's incumbent (the best graph, its latency and the matches that lead to it), its
-step history and the graphs it has seen. The env keeps one per episode; the searches in `xrlflow.search`
+step history, the graphs it has seen, the actions already taken from each seen graph (a walk that comes back
+to a graph must not take the same way out again: that is how it would cycle) and the steps since the
+incumbent last improved (a walk with no improvement for a while has no improving chain left in reach). The env keeps one per episode; the searches in `xrlflow.search`
 (greedy, backtracking, random, a policy's rollouts) keep one per search. Only a strictly lower latency
 replaces the incumbent, so nothing that starts from the input ends slower than it.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from xrlflow.engine import Match, RewriteEngine
 from xrlflow.errors import GraphError
@@ -59,13 +61,24 @@ class SearchState:
         self.on_step = on_step
         self.history: list[StepRecord] = []
         self.seen = {graph.structural_hash()}
+        self.taken: dict[str, set[Any]] = {}  # graph hash -> actions already taken from that graph
+        self.steps_since_best = 0
 
     def offer(self, graph: Graph, latency: Latency, path: Sequence[Match]) -> bool:
         """Take `graph` as the incumbent when it is faster; True when it was taken."""
         if not is_better(latency, self.best_latency, self.min_improvement):
+            self.steps_since_best += 1
             return False
         self.best, self.best_latency, self.best_path = graph, latency, list(path)
+        self.steps_since_best = 0
         return True
+
+    def take(self, graph: Graph, action: Any) -> None:
+        """Record that `action` (any hashable key, e.g. a tuple of matches) was taken from `graph`."""
+        self.taken.setdefault(graph.structural_hash(), set()).add(action)
+
+    def was_taken(self, graph: Graph, action: Any) -> bool:
+        return action in self.taken.get(graph.structural_hash(), ())
 
     def see(self, graph: Graph) -> bool:
         """Add the graph to the seen set; True when it is new."""
