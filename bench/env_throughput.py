@@ -27,7 +27,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def part_env(model: str, steps: int, seed: int) -> dict:
+def part_env(model: str, steps: int, seed: int, features: bool = True) -> dict:
     import numpy as np
 
     from xrlflow.costmodel import CostModel
@@ -42,26 +42,34 @@ def part_env(model: str, steps: int, seed: int) -> dict:
 
     class Timed:
         name = service.name
+        deterministic = True
         seconds = 0.0
+
+        def __init__(self):
+            self.seconds = 0.0
 
         def latency(self, g):
             start = time.perf_counter()
             try:
                 return service.latency(g)
             finally:
-                Timed.seconds += time.perf_counter() - start
+                self.seconds += time.perf_counter() - start
+
+        def node_costs(self, g):
+            return service.node_costs(g)
 
     edges = sum(1 for n in graph.nodes.values() for v in n.inputs if v and v in graph.producer)
     cfg = EnvConfig(max_nodes=max(2048, len(graph.nodes) * 5 // 4), max_edges=max(4096, edges * 5 // 4),
-                    max_candidates=256, max_steps=50)
-    env = GraphRewriteEnv({model: graph}, Timed(), cfg)
+                    max_candidates=256, max_steps=50, macro_actions=features, cost_features=features)
+    reward_service, predictor = Timed(), Timed()
+    env = GraphRewriteEnv({model: graph}, reward_service, cfg, predictor=predictor)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     obs, info = env.reset(seed=seed)
     first_reset_s = time.perf_counter() - t0
     candidates = [info["num_candidates"]]
     t0 = time.perf_counter()
-    Timed.seconds = 0.0
+    reward_service.seconds = predictor.seconds = 0.0
     for _ in range(steps):
         valid = np.flatnonzero(env.action_masks()[:-1])
         action = int(rng.choice(valid)) if len(valid) else cfg.max_candidates
@@ -72,7 +80,8 @@ def part_env(model: str, steps: int, seed: int) -> dict:
     elapsed = time.perf_counter() - t0
     return {
         "model": model, "nodes": len(graph.nodes), "edges": edges, "load_s": load_s, "first_reset_s": first_reset_s,
-        "steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed, "latency_service_s": Timed.seconds,
+        "features": features, "steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed,
+        "latency_service_s": reward_service.seconds, "predictor_s": predictor.seconds,
         "mean_candidates": float(np.mean(candidates)), "peak_rss_mb": _peak_rss_mb(),
     }
 
@@ -105,32 +114,37 @@ def main() -> int:
     p.add_argument("--num-envs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the raw result of one part")
+    p.add_argument("--no-features", action="store_true",
+                   help="env part: no macro slots and no predicted-gain features (the env before them)")
     args = p.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
     if args.part == "env":
-        print(json.dumps(part_env(args.model, args.env_steps, args.seed)))
+        print(json.dumps(part_env(args.model, args.env_steps, args.seed, features=not args.no_features)))
         return 0
     if args.part == "train":
         print(json.dumps(part_train(args.models.split(","), args.train_steps, args.num_envs, args.seed)))
         return 0
 
     results = {}
-    for part in ("env", "train"):
+    for part, extra in (("env", []), ("env-plain", ["--no-features"]), ("train", [])):
         out = subprocess.run(
-            [sys.executable, __file__, "--part", part, "--model", args.model, "--env-steps", str(args.env_steps),
-             "--models", args.models, "--train-steps", str(args.train_steps), "--num-envs", str(args.num_envs),
-             "--seed", str(args.seed)], check=True, capture_output=True, text=True)
+            [sys.executable, __file__, "--part", part.split("-")[0], "--model", args.model, "--env-steps",
+             str(args.env_steps), "--models", args.models, "--train-steps", str(args.train_steps), "--num-envs",
+             str(args.num_envs), "--seed", str(args.seed), *extra], check=True, capture_output=True, text=True)
         results[part] = json.loads(out.stdout.strip().splitlines()[-1])
-    e, t = results["env"], results["train"]
+    e, plain, t = results["env"], results["env-plain"], results["train"]
     print(f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}, torch {torch.__version__}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| measurement | value |\n|---|---|")
     print(f"| env: model | {e['model']} (full size, {e['nodes']} nodes, {e['edges']} edges) |")
     print(f"| env: steps/s (random valid actions, cost-model reward) | {e['steps_per_s']:.1f} ({e['steps']} steps in {e['seconds']:.1f} s) |")
-    print(f"| env: time in the cost model | {e['latency_service_s']:.1f} s of {e['seconds']:.1f} s |")
+    print(f"| env: time in the cost model (reward) | {e['latency_service_s']:.1f} s of {e['seconds']:.1f} s |")
+    print(f"| env: time pricing candidates (predicted gain, local cost delta) | {e['predictor_s']:.1f} s of {e['seconds']:.1f} s |")
+    print(f"| env: ms per step (macro slots + predicted gain) | {1e3 * e['seconds'] / e['steps']:.1f} |")
+    print(f"| env without macro slots and predicted gain: steps/s, ms per step | {plain['steps_per_s']:.1f}, {1e3 * plain['seconds'] / plain['steps']:.1f} |")
     print(f"| env: first reset (matching + features) | {e['first_reset_s']:.2f} s |")
     print(f"| env: mean candidates per step | {e['mean_candidates']:.1f} |")
     print(f"| env: peak RSS | {e['peak_rss_mb']:.0f} MB |")

@@ -65,7 +65,7 @@ from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFea
 from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import Graph
 from xrlflow.latency import Latency, LatencyService, NodeCosts
-from xrlflow.sites import apply_at_sites, local_cost_delta, site_groups, site_signature
+from xrlflow.sites import apply_at_sites, local_cost_delta, match_key, region_key, site_groups, site_signature
 from xrlflow.trajectory import SearchState
 
 ENV_ID = "xrlflow/GraphRewrite-v0"
@@ -214,6 +214,9 @@ class GraphRewriteEnv(gym.Env):
         self._features = np.zeros((0, CANDIDATE_FEATURES), np.float32)
         self._dropped = 0
         self._applied: list[Match] = []
+        # region key -> (predicted ms change, the nodes the key's ids stand for): a rewrite far from the last
+        # one keeps its predicted change, so most candidates are priced once per lineage, not once per step
+        self._delta_cache: dict[Any, tuple[float, tuple]] = {}
 
     # Gymnasium sets `spec` after construction (gym.make); a measured reward makes the spec nondeterministic.
     @property
@@ -297,7 +300,7 @@ class GraphRewriteEnv(gym.Env):
         action = int(action)
         info_extra: dict[str, Any] = {"invalid_action": False, "measurement_failed": False, "graph_too_large": False,
                                       "revisit": False}
-        valid = 0 <= action < len(self._slots) and not self._episode.was_taken(self.graph, self._slots[action])
+        valid = 0 <= action < len(self._slots) and not self._episode.was_taken(self.graph, self._slot_key(action))
         if not valid:
             info_extra["invalid_action"] = action != self.config.max_candidates
             return self._finish(0.0, terminated=True, truncated=False, rule=None, extra=info_extra)
@@ -326,7 +329,7 @@ class GraphRewriteEnv(gym.Env):
                                 extra=info_extra)
         initial = self._initial(self.model_index).ms
         reward = 100.0 * (self.current_latency.ms - lat.ms) / initial
-        self._episode.take(self.graph, slot)
+        self._episode.take(self.graph, self._slot_key(action))
         if not self._episode.see(new_graph):
             reward -= self.config.revisit_penalty
             info_extra["revisit"] = True
@@ -352,9 +355,10 @@ class GraphRewriteEnv(gym.Env):
     def action_masks(self) -> np.ndarray:
         mask = np.zeros(self.config.max_candidates + 1, dtype=bool)
         mask[: len(self._slots)] = True
-        if self._episode is not None and self._episode.taken:
-            for i, slot in enumerate(self._slots):
-                if self._episode.was_taken(self.graph, slot):
+        taken = self._episode.taken.get(self.graph.structural_hash()) if self._episode is not None else None
+        if taken:  # back at a graph left before: its earlier ways out are closed
+            for i in range(len(self._slots)):
+                if self._slot_key(i) in taken:
                     mask[i] = False
         mask[-1] = True
         return mask
@@ -380,6 +384,10 @@ class GraphRewriteEnv(gym.Env):
     @property
     def candidate_features(self) -> np.ndarray:
         return self._features.copy()
+
+    def _slot_key(self, i: int) -> tuple[Any, ...]:
+        """Slot i by what it rewrites, independent of node names (a revisited graph has new ones)."""
+        return tuple(match_key(self.graph, m) for m in self._slots[i])
 
     def _refresh_candidates(self) -> None:
         memo = self.graph.memo()
@@ -410,17 +418,20 @@ class GraphRewriteEnv(gym.Env):
             for i, slot in enumerate(slots):
                 sig = signature_of[slot[0]]
                 if sig not in gain_of:
-                    try:
-                        child = self.engine.apply(g, slot[0])
-                    except GraphError:
-                        child = None
-                    if child is None or not current_ms > 0:
-                        gain_of[sig] = 0.0
-                    else:
-                        delta = local_cost_delta(self.predictor, g, child)
-                        gain_of[sig] = 100.0 * -delta / current_ms
-                        if len(slot) == 1:
+                    key, nodes = region_key(g, slot[0])
+                    cached = self._delta_cache.get(key)
+                    if cached is None:
+                        try:
+                            child = self.engine.apply(g, slot[0])
+                        except GraphError:
+                            child = None
+                        delta = 0.0 if child is None else local_cost_delta(self.predictor, g, child)
+                        if len(self._delta_cache) >= 100_000:
+                            self._delta_cache.clear()
+                        cached = self._delta_cache[key] = (delta, nodes)
+                        if child is not None and len(slot) == 1:
                             children[i] = child
+                    gain_of[sig] = 100.0 * -cached[0] / current_ms if current_ms > 0 else 0.0
                 gain = gain_of[sig] * len(slot)
                 features[i, 0] = math.copysign(math.log1p(10.0 * abs(gain)), gain) / 4.0
                 features[i, 1] = float(gain > 1e-9)

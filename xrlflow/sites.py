@@ -6,8 +6,8 @@ structure of what they bind: the rule, each bound node's op, domain and attribut
 and constness of every value it reads and writes, how the bound nodes feed each other, and how many readers
 each output has. Within a group only matches with disjoint bound nodes are kept (first in engine order
 wins), so a group is a set of places where the same rewrite can be done one after the other.
-`apply_at_sites` does that, re-checking before each application that the match is still one the engine
-offers (a neighbouring rewrite may have changed what a rule's conditions look at).
+`apply_at_sites` does that, re-checking before each application that the match is still valid (a
+neighbouring rewrite may have changed what a rule's conditions look at).
 
 `local_cost_delta` predicts what a rewrite changes in a graph's latency without pricing the whole graph:
 it prices only the nodes the rewrite removed and added plus the unchanged nodes within `radius` hops of
@@ -25,10 +25,12 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 from xrlflow.engine import Match, RewriteEngine
+from xrlflow.errors import GraphError
 from xrlflow.ir import Graph
 from xrlflow.latency import LatencyService
 
 LOCAL_RADIUS = 6
+GUARD_HOPS = 3  # how far from its bound nodes a rule's find() looks (inputs' producers, readers of readers)
 
 
 def _value_key(graph: Graph, value: str) -> tuple[Any, ...]:
@@ -65,6 +67,36 @@ def site_signature(graph: Graph, match: Match) -> int:
     return hash(tuple(parts))
 
 
+def value_keys(graph: Graph) -> dict[str, int]:
+    """A name-independent key per value, as `Graph.structural_hash` computes them (graph inputs and
+    initializers by name, every other value by its producer's op, attributes and input keys); memoised."""
+    memo = graph.memo()
+    keys = memo.get("xrlflow.sites.value_keys")
+    if keys is None:
+        keys = {"": 0}
+        for name in graph.inputs:
+            keys[name] = hash((1, name))
+        for name in graph.initializers:
+            keys.setdefault(name, hash((2, name)))
+        for name in graph.topological_order():
+            node = graph.nodes[name]
+            node_key = hash((node.signature, tuple(keys.get(v, hash((3, v))) for v in node.all_inputs)))
+            for i, out in enumerate(node.outputs):
+                if out:
+                    keys[out] = hash((node_key, i))
+        memo["xrlflow.sites.value_keys"] = keys
+    return keys
+
+
+def match_key(graph: Graph, match: Match) -> tuple[Any, ...]:
+    """The match by what it binds, not by node names: equal for the same rewrite at the same place of two
+    structurally equal graphs (a graph reached again by another path has new node names)."""
+    keys = value_keys(graph)
+    bound = tuple(keys.get(graph.nodes[n].outputs[0], 0) if n in graph.nodes and graph.nodes[n].outputs else 0
+                  for n in match.nodes)
+    return (match.rule, bound, _params_key(graph, match.params))
+
+
 def site_groups(graph: Graph, matches: Sequence[Match],
                 signatures: Sequence[int] | None = None) -> list[tuple[Match, ...]]:
     """`matches` grouped by `site_signature` (or the given `signatures`, one per match), groups in order of
@@ -84,15 +116,36 @@ def site_groups(graph: Graph, matches: Sequence[Match],
 
 
 def apply_at_sites(engine: RewriteEngine, graph: Graph, matches: Iterable[Match]) -> tuple[Graph, list[Match]]:
-    """Apply the matches one after the other, each only while the engine still offers it on the graph so far;
-    returns the result and the matches applied (a path `RewriteEngine.apply_sequence` replays). GraphError
-    from a rule propagates (a rule bug, as for a single rewrite)."""
+    """Apply the matches one after the other; returns the result and the matches applied (a path
+    `RewriteEngine.apply_sequence` replays).
+
+    The first match is applied as given (GraphError propagates: a rule bug, as for a single rewrite). A later
+    match is applied only while it is still valid: when no node within `GUARD_HOPS` of its bound nodes was
+    touched by the rewrites so far, what its rule's find() looked at is unchanged, so it is applied directly
+    (and skipped if the rewrite would now close a cycle); otherwise it is applied only if the engine still
+    offers it on the graph so far (a full re-match)."""
     applied: list[Match] = []
     current = graph
+    touched: set[str] = set()
     for match in matches:
-        if applied and match not in engine.matches(current):
-            continue
-        current = engine.apply(current, match)
+        if applied:
+            near = _neighbourhood(graph, {n for n in match.nodes if n in graph.nodes}, GUARD_HOPS)
+            if not near.isdisjoint(touched):
+                if match not in engine.matches(current):
+                    continue
+            elif any(current.nodes.get(n) is not graph.nodes.get(n) for n in match.nodes):
+                continue
+        try:
+            nxt = engine.apply(current, match)
+        except GraphError:
+            if not applied:
+                raise
+            continue  # valid alone, but after the other sites it would close a cycle
+        removed, added = changed_nodes(current, nxt)
+        touched |= removed | added
+        # a new reader of an old value changes that value's use count, which find() conditions look at
+        touched.update(p for n in added for v in nxt.nodes[n].inputs if v and (p := nxt.producer.get(v)) is not None)
+        current = nxt
         applied.append(match)
     return current, applied
 
@@ -144,6 +197,16 @@ def subgraph(graph: Graph, names: set[str]) -> Graph:
                  {v: tuple(c) for v, c in consumers.items()}, graph.constants, graph.next_id, graph.bound_dims)
 
 
+def region_key(graph: Graph, match: Match, radius: int = LOCAL_RADIUS + GUARD_HOPS) -> tuple[Any, tuple]:
+    """(a key, the node values it stands for) that is equal for a match in two graphs of one lineage exactly
+    when every node within `radius` of its bound nodes is the same node value: then the match's rewrite
+    changes the same region in the same way and `local_cost_delta` gives the same number. Keep the returned
+    nodes alive as long as the key is used (the key holds their ids)."""
+    near = sorted(_neighbourhood(graph, {n for n in match.nodes if n in graph.nodes}, radius))
+    nodes = tuple(graph.nodes[n] for n in near)
+    return (match, tuple(near), tuple(id(node) for node in nodes)), nodes
+
+
 def local_cost_delta(service: LatencyService, parent: Graph, child: Graph, radius: int = LOCAL_RADIUS) -> float:
     """The latency change (ms, child minus parent) a rewrite makes, priced on the changed region only."""
     removed, added = changed_nodes(parent, child)
@@ -156,5 +219,5 @@ def local_cost_delta(service: LatencyService, parent: Graph, child: Graph, radiu
     return after.ms - before.ms
 
 
-__all__ = ["LOCAL_RADIUS", "apply_at_sites", "changed_nodes", "local_cost_delta", "site_groups", "site_signature",
+__all__ = ["GUARD_HOPS", "LOCAL_RADIUS", "apply_at_sites", "match_key", "region_key", "value_keys", "changed_nodes", "local_cost_delta", "site_groups", "site_signature",
            "subgraph"]

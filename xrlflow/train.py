@@ -1,6 +1,14 @@
-"""`xrlflow train` / `python train.py`: one MaskablePPO policy across several zoo models.
+"""`xrlflow train` / `python train.py`: one MaskablePPO policy across several models and input shapes.
 
     python train.py --models bert-base,resnext50 --latency cost --steps 20000 --seed 0 --run-name demo --small
+    python train.py --models bert-base,my_model.onnx --batches 1,8 --seqs 128,512 --config ppo.yaml
+
+`--models` takes zoo names and ONNX files (a path ending in .onnx; its episodes are named by the file's stem).
+`--batches` / `--seqs` export every zoo model at each batch size and (for the sequence models, up to their
+position table) each sequence length; every shape is its own training graph, named MODEL@bBATCH[sSEQ].
+`--config FILE` (YAML or JSON) gives any TrainConfig field, nested `env:` / `policy:` included; a run's
+run.json is read as its `train_config`. Flags on the command line that differ from their defaults override
+the file.
 
 Writes TensorBoard logs under runs/<run>_N (per-model episode speedup and best speedup, SB3's entropy and
 value loss), checkpoints under checkpoints/<run>/ (policy.zip + run.json with the rule fingerprint, the env,
@@ -17,7 +25,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from xrlflow.agents.gnn_policy import PolicyConfig
 from xrlflow.cli_options import OneLineParser, add_options, config_from, option, run_handler
@@ -26,13 +34,31 @@ from xrlflow.errors import BadInputError
 from xrlflow.services import DEVICES, LATENCY_KINDS, make_latency_service
 
 
-def _model_list(text: str) -> tuple[str, ...]:
-    return tuple(m.strip() for m in text.split(",") if m.strip())
+def _model_list(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(str(m).strip() for m in items if str(m).strip())
+
+
+def _int_list(text: str | Sequence[int] | None) -> tuple[int, ...]:
+    if text is None:
+        return ()
+    items = [t for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
+    try:
+        return tuple(int(t) for t in items)
+    except (TypeError, ValueError):
+        raise BadInputError(f"expected comma-separated integers, got {text!r}") from None
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    models: tuple[str, ...] = option("comma-separated zoo models, e.g. bert-base,resnext50", read=_model_list)
+    models: tuple[str, ...] = option("comma-separated zoo models and ONNX files, e.g. bert-base,resnext50,m.onnx",
+                                     (), read=_model_list)
+    batches: tuple[int, ...] = option("zoo models: comma-separated batch sizes to train on (empty: the model's own)",
+                                      (), read=_int_list)
+    seqs: tuple[int, ...] = option("zoo sequence models: comma-separated sequence lengths (empty: the model's own)",
+                                   (), read=_int_list)
     latency: str = option("reward source", "cost", choices=LATENCY_KINDS)
     device: str = option("device the reward is for: cpu, or cuda (measured on the GPU, or the bundled H200 table)",
                          "cpu", choices=DEVICES)
@@ -46,10 +72,11 @@ class TrainConfig:
     n_steps: int = option("env steps per env per PPO rollout", 64, kind=int)
     batch_size: int = option("PPO minibatch size", 64, kind=int)
     n_epochs: int = option("PPO epochs per rollout", 4, kind=int, flag="--epochs")
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_range: float = 0.2
-    ent_coef: float = 0.01
+    gamma: float = option("discount", 0.99, kind=float)
+    gae_lambda: float = option("GAE lambda", 0.95, kind=float)
+    clip_range: float = option("PPO clip range", 0.2, kind=float)
+    # 0.03: on the toy chains of tests/test_learning.py 0.01 settled on a premature stop more often
+    ent_coef: float = option("entropy coefficient", 0.03, kind=float)
     env: EnvConfig = EnvConfig()  # max_steps, max_candidates; the padding is sized to the models at the start
     policy: PolicyConfig = PolicyConfig()  # hidden, layers
     checkpoint_every: int = option("env steps between checkpoints", 2048, kind=int)
@@ -66,7 +93,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise BadInputError("--models: give at least one zoo model")
+            raise BadInputError("--models: give at least one zoo model or ONNX file")
+        if any(b < 1 for b in self.batches) or any(q < 1 for q in self.seqs):
+            raise BadInputError("--batches and --seqs must be positive integers")
+        if not (0 < self.gamma <= 1 and 0 <= self.gae_lambda <= 1 and self.clip_range > 0 and self.ent_coef >= 0):
+            raise BadInputError("need 0 < gamma <= 1, 0 <= gae-lambda <= 1, clip-range > 0, ent-coef >= 0")
         if self.latency not in LATENCY_KINDS:
             raise BadInputError(f"--latency {self.latency!r}: use one of {', '.join(LATENCY_KINDS)}")
         if self.device not in DEVICES:
@@ -89,8 +120,40 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["models"] = list(self.models)
+        d["batches"] = list(self.batches)
+        d["seqs"] = list(self.seqs)
         d["env"] = self.env.to_dict()
         return d
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any], where: str = "config") -> "TrainConfig":
+        """A config from a mapping (a config file, or run.json's `train_config`); absent fields keep today's
+        defaults, unknown ones are refused."""
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadInputError(f"{where}: unknown training config field(s): {', '.join(unknown)}")
+        values = dict(d)
+        for name, cls in (("env", EnvConfig), ("policy", PolicyConfig)):
+            if name in values:
+                nested = values[name]
+                if not isinstance(nested, Mapping):
+                    raise BadInputError(f"{where}: {name} must be a mapping")
+                fields = {f.name for f in dataclasses.fields(cls)}
+                bad = sorted(set(nested) - fields)
+                if bad:
+                    raise BadInputError(f"{where}: unknown {name} field(s): {', '.join(bad)}")
+                nested = dict(nested)
+                if "op_vocabulary" in nested:
+                    nested["op_vocabulary"] = tuple(nested["op_vocabulary"])
+                values[name] = dataclasses.replace(cls(), **nested)
+        for name, read in (("models", _model_list), ("batches", _int_list), ("seqs", _int_list)):
+            if name in values:
+                values[name] = read(values[name])
+        try:
+            return TrainConfig(**values)
+        except TypeError as exc:
+            raise BadInputError(f"{where}: {exc}") from None
 
     @property
     def ppo(self) -> dict[str, Any]:
@@ -99,20 +162,68 @@ class TrainConfig:
                                                         "gae_lambda", "clip_range", "ent_coef")}
 
     @property
+    def training_graphs(self) -> list[tuple[str, str | None, int | None, int | None]]:
+        """(episode name, zoo model or None for an ONNX file, batch, seq) of every training graph."""
+        out: list[tuple[str, str | None, int | None, int | None]] = []
+        for model in self.models:
+            if model.endswith(".onnx"):
+                out.append((Path(model).stem, None, None, None))
+                continue
+            out.extend(_zoo_shapes(model, self.batches, self.seqs, self.small))
+        names = [name for name, *_ in out]
+        if len(set(names)) != len(names):
+            raise BadInputError(f"--models: two training graphs would share a name: {', '.join(names)}")
+        return out
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.checkpoints_dir) / self.run_name
 
 
-def load_zoo_graphs(models: Sequence[str], small: bool) -> list[tuple[str, Any]]:
-    """The zoo models as episodes start from them: in canonical form, as `xrlflow optimize` searches them."""
+def _zoo_shapes(model: str, batches: Sequence[int], seqs: Sequence[int], small: bool):
+    from xrlflow.zoo.registry import get_entry
+
+    entry = get_entry(model)
+    if not batches and not seqs:
+        return [(model, model, None, None)]
+    lengths: list[int | None] = [None]
+    if entry.takes_seq and seqs:
+        lengths = [q for q in seqs if entry.max_seq is None or q <= entry.max_seq] or [None]
+    out = []
+    for batch in batches or [None]:
+        for seq in lengths:
+            tag = (f"b{batch}" if batch else "") + (f"s{seq}" if seq else "")
+            out.append((f"{model}@{tag}" if tag else model, model, batch, seq))
+    return out
+
+
+def load_zoo_graphs(models: Sequence[str], small: bool, batches: Sequence[int] = (),
+                    seqs: Sequence[int] = ()) -> list[tuple[str, Any]]:
+    """The training graphs as episodes start from them: in canonical form, as `xrlflow optimize` searches
+    them. Zoo names (at each batch / seq) and ONNX files (`--models` entries ending in .onnx)."""
+    import onnx
+
     from xrlflow.engine import prepare_for_search
     from xrlflow.onnx_io import load_graph
     from xrlflow.rules import CANONICAL_RULES, default_engine
     from xrlflow.zoo import export_model
 
+    cfg_like = TrainConfig(models=tuple(models), batches=tuple(batches), seqs=tuple(seqs), small=small)
     engine = default_engine()
-    return [(name, prepare_for_search(load_graph(export_model(name, small=small)), engine, CANONICAL_RULES))
-            for name in models]
+    graphs = []
+    for name, zoo_name, batch, seq in cfg_like.training_graphs:
+        if zoo_name is None:
+            path = next(m for m in models if m.endswith(".onnx") and Path(m).stem == name)
+            if not Path(path).is_file():
+                raise BadInputError(f"--models: {path}: no such ONNX file")
+            try:
+                model = onnx.load(path)
+            except Exception as exc:
+                raise BadInputError(f"--models: {path}: not a readable ONNX model ({type(exc).__name__})") from None
+        else:
+            model = export_model(zoo_name, small=small, batch=batch, seq=seq)
+        graphs.append((name, prepare_for_search(load_graph(model), engine, CANONICAL_RULES)))
+    return graphs
 
 
 def env_config_for(graphs: Sequence[tuple[str, Any]], cfg: TrainConfig) -> EnvConfig:
@@ -149,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, graphs=None, latency=None) -> 
     elif has_checkpoint:
         raise BadInputError(f"{cfg.run_dir} already holds a run; use --resume or another --run-name")
 
-    graphs = graphs if graphs is not None else load_zoo_graphs(cfg.models, cfg.small)
+    graphs = graphs if graphs is not None else load_zoo_graphs(cfg.models, cfg.small, cfg.batches, cfg.seqs)
     if cfg.ray_address is None:
         return _train_with(cfg, resume, previous, graphs, latency if latency is not None else make_latency_service(cfg.latency, cfg.device))
     from xrlflow.measure_pool import MeasurementPool, PoolConfig
@@ -193,10 +304,72 @@ def _train_with(cfg: TrainConfig, resume: bool, previous: dict[str, Any], graphs
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--config", metavar="FILE", help="a YAML or JSON training config (or a run's run.json); "
+                                                      "flags that differ from their defaults override it")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The TrainConfig fields of a YAML/JSON file; a run.json gives its `train_config`."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise BadInputError(f"--config {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise BadInputError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} "
+                            f"({str(exc).splitlines()[0]})") from None
+    if isinstance(data, dict) and isinstance(data.get("train_config"), dict):
+        data = data["train_config"]
+    if not isinstance(data, dict):
+        raise BadInputError(f"--config {path}: expected a mapping of training config fields")
+    return data
+
+
+def _with_flags(cfg: Any, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
+    """`cfg` with every option whose flag value differs from its default replaced by that value."""
+    from xrlflow.cli_options import dest
+
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        opt = f.metadata.get("option")
+        current = getattr(cfg, f.name)
+        if opt is None:
+            if dataclasses.is_dataclass(current):
+                changes[f.name] = _with_flags(current, values, defaults)
+            continue
+        name = dest(f)
+        if name not in values or values[name] == defaults.get(name):
+            continue
+        value = values[name]
+        if opt.negate:
+            value = not value
+        elif opt.read is not None:
+            value = opt.read(value)
+        changes[f.name] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def config_of(args: argparse.Namespace) -> TrainConfig:
+    """The training config of parsed flags, on top of `--config FILE` when given."""
+    path = getattr(args, "config", None)
+    if not path:
+        return config_from(TrainConfig, args)
+    base = TrainConfig.from_dict({"models": ("placeholder",), **read_config_file(path)}, where=f"--config {path}")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    values = vars(args)
+    cfg = _with_flags(base, values, defaults)
+    if cfg.models == ("placeholder",):
+        raise BadInputError(f"--models: give at least one zoo model or ONNX file (none in {path} either)")
+    return cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = config_from(TrainConfig, args)
+    cfg = config_of(args)
     if len(set(cfg.models)) != len(cfg.models):
         raise BadInputError(f"--models lists a model twice: {','.join(cfg.models)}")
     meta = train(cfg, resume=args.resume)
