@@ -32,8 +32,10 @@ the rewrite's changed region only (`xrlflow.sites.local_cost_delta`, equal to th
 once per group of identical sites, on the group's first match; a macro's gain is that times its sites.
 
 Reward: 100 * (L_prev - L_new) / L_initial, no living bonus. **Returning to a graph already seen in the
-episode is penalised**: the step's reward is lowered by `config.revisit_penalty` (info["revisit"]), and the
-way out taken before from that graph is masked, so a walk cannot cycle. A failed measurement (Latency.ok
+episode is penalised**: the step's reward is lowered by `config.revisit_penalty` (info["revisit"]), and
+(`config.mask_taken`) the ways out taken before from that graph are masked, so a walk cannot cycle. Graphs
+are told apart by content (`xrlflow.sites.ContentKeys`: a round trip such as enlarge then shrink a kernel
+returns to the same graph under new weight names). A failed measurement (Latency.ok
 False) ends the episode with reward `config.failure_penalty` (info["measurement_failed"]) and the failing
 graph is not taken; a rewrite that grows the graph past max_nodes/max_edges ends the episode with reward 0
 (info["graph_too_large"]) and is not taken either; a rewrite the engine refuses (GraphError: a bug in a rule's
@@ -65,7 +67,7 @@ from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFea
 from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import Graph
 from xrlflow.latency import Latency, LatencyService, NodeCosts
-from xrlflow.sites import apply_at_sites, local_cost_delta, match_key, region_key, site_groups, site_signature
+from xrlflow.sites import ContentKeys, apply_at_sites, local_cost_delta, region_key, site_groups, site_signature
 from xrlflow.trajectory import SearchState
 
 ENV_ID = "xrlflow/GraphRewrite-v0"
@@ -92,6 +94,7 @@ class EnvConfig:
     macro_actions: bool = True  # offer "this rule at every identical site" slots
     cost_features: bool = True  # fill the predicted-gain candidate features
     revisit_penalty: float = 1.0  # subtracted from the reward of a step that lands on a graph seen before
+    mask_taken: bool = True  # back at a graph, mask the ways out already taken from it
     patience: int = 16  # truncate after this many steps without a new best graph (0: never)
 
     def __post_init__(self) -> None:
@@ -126,6 +129,7 @@ class EnvConfig:
         values.setdefault("macro_actions", False)
         values.setdefault("cost_features", False)
         values.setdefault("revisit_penalty", 0.0)
+        values.setdefault("mask_taken", False)
         values.setdefault("patience", 0)
         if "op_vocabulary" in values:
             values["op_vocabulary"] = tuple(values["op_vocabulary"])
@@ -217,6 +221,7 @@ class GraphRewriteEnv(gym.Env):
         # region key -> (predicted ms change, the nodes the key's ids stand for): a rewrite far from the last
         # one keeps its predicted change, so most candidates are priced once per lineage, not once per step
         self._delta_cache: dict[Any, tuple[float, tuple]] = {}
+        self._content = ContentKeys()  # revisits are recognised by content (a round trip renames weights)
 
     # Gymnasium sets `spec` after construction (gym.make); a measured reward makes the spec nondeterministic.
     @property
@@ -287,7 +292,7 @@ class GraphRewriteEnv(gym.Env):
         self.model_index = index
         self.graph = self.graphs[index]
         self.current_latency = self._initial(index)
-        self._episode = SearchState(self.graph, self.current_latency)
+        self._episode = SearchState(self.graph, self.current_latency, key=self._content.graph_key)
         self.steps = 0
         self.episode_done = False
         self._applied = []
@@ -300,7 +305,8 @@ class GraphRewriteEnv(gym.Env):
         action = int(action)
         info_extra: dict[str, Any] = {"invalid_action": False, "measurement_failed": False, "graph_too_large": False,
                                       "revisit": False}
-        valid = 0 <= action < len(self._slots) and not self._episode.was_taken(self.graph, self._slot_key(action))
+        valid = 0 <= action < len(self._slots) and not (
+            self.config.mask_taken and self._episode.was_taken(self.graph, self._slot_key(action)))
         if not valid:
             info_extra["invalid_action"] = action != self.config.max_candidates
             return self._finish(0.0, terminated=True, truncated=False, rule=None, extra=info_extra)
@@ -355,8 +361,8 @@ class GraphRewriteEnv(gym.Env):
     def action_masks(self) -> np.ndarray:
         mask = np.zeros(self.config.max_candidates + 1, dtype=bool)
         mask[: len(self._slots)] = True
-        taken = self._episode.taken.get(self.graph.structural_hash()) if self._episode is not None else None
-        if taken:  # back at a graph left before: its earlier ways out are closed
+        taken = self._episode.taken.get(self._content.graph_key(self.graph)) if self._episode is not None else None
+        if taken and self.config.mask_taken:  # back at a graph left before: its earlier ways out are closed
             for i in range(len(self._slots)):
                 if self._slot_key(i) in taken:
                     mask[i] = False
@@ -387,7 +393,7 @@ class GraphRewriteEnv(gym.Env):
 
     def _slot_key(self, i: int) -> tuple[Any, ...]:
         """Slot i by what it rewrites, independent of node names (a revisited graph has new ones)."""
-        return tuple(match_key(self.graph, m) for m in self._slots[i])
+        return tuple(self._content.match_key(self.graph, m) for m in self._slots[i])
 
     def _refresh_candidates(self) -> None:
         memo = self.graph.memo()

@@ -24,6 +24,8 @@ TRAIN_FLAGS = {
     "--small", "--resume", "--num-envs", "--lr", "--n-steps", "--batch-size", "--epochs", "--max-steps",
     "--max-candidates", "--hidden", "--layers", "--checkpoint-every", "--torch-threads", "--runs-dir",
     "--checkpoints-dir", "--no-progress", "--ray-address", "--measure-workers",
+    # issue 15: training shapes, PPO hyper-parameters, a config file
+    "--batches", "--seqs", "--gamma", "--gae-lambda", "--clip-range", "--ent-coef", "--config",
 }
 
 

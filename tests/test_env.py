@@ -18,7 +18,7 @@ from xrlflow.rules import default_engine
 
 ENGINE = default_engine()
 # The single-rewrite contract (no macro slots, no revisit penalty, no patience); the tests at the end cover those.
-PLAIN = dict(macro_actions=False, revisit_penalty=0.0, patience=0)
+PLAIN = dict(macro_actions=False, revisit_penalty=0.0, mask_taken=False, patience=0)
 SMALL = EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=10, **PLAIN)
 
 
@@ -264,3 +264,105 @@ def test_cost_column_holds_the_cost_models_node_costs_on_bert():
     old = EnvConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "node_costs"})
     obs_old, _ = GraphRewriteEnv({"bert": graph}, service, old).reset(seed=0)
     assert not obs_old["node_features"][:n, GraphFeaturizer(config.op_vocabulary).cost_column].any()
+
+
+# ---- macro slots, predicted gain, revisits, patience -----------------------------------------------------------
+def identical_blocks(n: int = 3):
+    """n identical Relu(MatMul + bias) blocks on n inputs of one shape, each with its own weights."""
+    b = ModelBuilder(3)
+    outs = []
+    for i in range(n):
+        x = b.input(f"x{i}", [4, 16])
+        outs.append(b.op("Relu", [b.op("Add", [b.op("MatMul", [x, b.const((16, 8))]), b.const((8,))])]))
+    b.output(*outs)
+    return load_graph(b.model())
+
+
+def test_macro_slot_applies_the_rule_at_every_identical_site():
+    from xrlflow.sites import site_groups
+
+    graph = identical_blocks(3)
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16), only=graph)
+    env.reset()
+    singles = env.candidates
+    macros = [i for i, slot in enumerate(env.slots) if len(slot) > 1]
+    assert macros, "three identical blocks give a macro slot"
+    assert env.slots[: len(singles)] == [(m,) for m in singles]
+    groups = site_groups(graph, ENGINE.matches(graph))
+    assert [env.slots[i] for i in macros] == [g for g in groups if len(g) > 1]
+    i = macros[0]
+    slot = env.slots[i]
+    assert len(slot) == 3 and len({m.rule for m in slot}) == 1
+    assert env.candidate_features[i, 3] == 1.0 and env.candidate_features[: len(singles), 3].sum() == 0
+    _, reward, _, _, info = env.step(i)
+    assert info["sites"] == 3 and env.applied == list(slot)
+    # the path replays, and it equals applying the three single rewrites one by one
+    assert ENGINE.apply_sequence(graph, env.applied).structural_hash() == env.graph.structural_hash()
+
+
+def test_predicted_gain_matches_the_cost_models_whole_graph_difference():
+    from xrlflow.sites import local_cost_delta
+
+    service = CostModel("cpu")
+    for graph in (projections(), inception_pair(), identical_blocks(2)):
+        base = service.latency(graph).ms
+        for m in ENGINE.matches(graph):
+            child = ENGINE.apply(graph, m)
+            assert local_cost_delta(service, graph, child) == pytest.approx(service.latency(child).ms - base, abs=1e-12)
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16), only=inception_pair())
+    env.reset()
+    (enlarge,) = [i for i, m in enumerate(env.candidates) if m.rule == "enlarge-conv-kernel"]
+    feats = env.candidate_features[enlarge]
+    assert feats[0] < 0 and feats[1] == 0 and feats[2] == 1  # enlarging alone is slower
+
+
+def test_measured_service_without_predictor_leaves_gain_at_zero():
+    class Measured:
+        name, deterministic = "fake", False
+
+        def latency(self, g):
+            return Latency(1.0, 1.0, 1.0, 1, "fake")
+
+    env = make_env(EnvConfig(max_nodes=64, max_edges=128, max_candidates=16), latency=Measured(), only=inception_pair())
+    env.reset()
+    assert env.predictor is None and not env.candidate_features[:, :3].any()
+
+
+def test_revisit_is_penalised_and_the_way_out_is_masked():
+    config = EnvConfig(max_nodes=64, max_edges=128, max_candidates=32, max_steps=20, revisit_penalty=2.5, patience=0,
+                       macro_actions=False)
+    env = make_env(config, only=projections())
+    env.reset()
+    start = env.graph.structural_hash()
+    first = [m.rule for m in env.candidates].index("matmul-add-to-gemm")
+    site = env.candidates[first]
+    _, r1, *_, info = env.step(first)
+    assert not info["revisit"]
+    _, r2, *_, info = env.step([m.rule for m in env.candidates].index("gemm-to-matmul-add"))
+    assert info["revisit"] and env.graph.structural_hash() == start
+    assert r1 + r2 == pytest.approx(-2.5, abs=1e-9)  # the round trip's latency change is 0
+    # back at the start: the same way out is masked (other sites of the rule and stop are not)
+    mask = env.action_masks()
+    closed = [i for i in range(len(env.slots)) if not mask[i]]
+    assert len(closed) == 1 and env.slots[closed[0]][0].rule == site.rule and mask[-1]
+    assert sum(m.rule == site.rule for m in env.candidates) > 1  # the rule's other sites stay open
+    _, _, terminated, _, info = env.step(closed[0])
+    assert terminated and info["invalid_action"]
+
+
+def test_patience_truncates_a_walk_without_improvement():
+    config = EnvConfig(max_nodes=64, max_edges=128, max_candidates=16, max_steps=50, patience=2, macro_actions=False)
+    env = make_env(config, only=inception_pair())
+    env.reset()
+    _, _, terminated, truncated, _ = env.step([m.rule for m in env.candidates].index("enlarge-conv-kernel"))
+    assert not terminated and not truncated
+    _, _, terminated, truncated, info = env.step([m.rule for m in env.candidates].index("merge-parallel-conv"))
+    assert truncated and not terminated and info["episode_steps"] == 2
+
+
+def test_old_env_config_dicts_keep_the_old_behaviour():
+    old = {k: v for k, v in EnvConfig().to_dict().items()
+           if k not in ("node_costs", "macro_actions", "cost_features", "revisit_penalty", "mask_taken", "patience")}
+    config = EnvConfig.from_dict(old)
+    assert (config.node_costs, config.macro_actions, config.cost_features, config.revisit_penalty, config.mask_taken,
+            config.patience) == (False, False, False, 0.0, False, 0)

@@ -22,7 +22,10 @@ Core module: no torch, no gymnasium.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable, Sequence
+
+from onnx import numpy_helper
 
 from xrlflow.engine import Match, RewriteEngine
 from xrlflow.errors import GraphError
@@ -67,34 +70,63 @@ def site_signature(graph: Graph, match: Match) -> int:
     return hash(tuple(parts))
 
 
-def value_keys(graph: Graph) -> dict[str, int]:
-    """A name-independent key per value, as `Graph.structural_hash` computes them (graph inputs and
-    initializers by name, every other value by its producer's op, attributes and input keys); memoised."""
-    memo = graph.memo()
-    keys = memo.get("xrlflow.sites.value_keys")
-    if keys is None:
-        keys = {"": 0}
-        for name in graph.inputs:
-            keys[name] = hash((1, name))
-        for name in graph.initializers:
-            keys.setdefault(name, hash((2, name)))
-        for name in graph.topological_order():
-            node = graph.nodes[name]
-            node_key = hash((node.signature, tuple(keys.get(v, hash((3, v))) for v in node.all_inputs)))
-            for i, out in enumerate(node.outputs):
-                if out:
-                    keys[out] = hash((node_key, i))
-        memo["xrlflow.sites.value_keys"] = keys
-    return keys
+class ContentKeys:
+    """Name-independent keys of values, matches and graphs, with initializers keyed by their content.
 
+    `Graph.structural_hash` keys an initializer by its name, and a rewrite that builds a weight anew (a
+    kernel padded, then cropped back) names it anew: the graph it returns to hashes differently from the
+    graph it left. Here an initializer is keyed by dtype, dims and a digest of its bytes, so such a round
+    trip is recognised. Digests are cached per initializer value (shared by every graph of one model), in
+    this object: one per env or search."""
 
-def match_key(graph: Graph, match: Match) -> tuple[Any, ...]:
-    """The match by what it binds, not by node names: equal for the same rewrite at the same place of two
-    structurally equal graphs (a graph reached again by another path has new node names)."""
-    keys = value_keys(graph)
-    bound = tuple(keys.get(graph.nodes[n].outputs[0], 0) if n in graph.nodes and graph.nodes[n].outputs else 0
-                  for n in match.nodes)
-    return (match.rule, bound, _params_key(graph, match.params))
+    def __init__(self) -> None:
+        self._digests: dict[int, tuple[Any, int]] = {}  # id(TensorProto) -> (the proto, its key)
+
+    def initializer(self, graph: Graph, name: str) -> int:
+        proto = graph.initializers[name]
+        hit = self._digests.get(id(proto))
+        if hit is not None and hit[0] is proto:
+            return hit[1]
+        data = proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
+        key = hash((2, proto.data_type, tuple(proto.dims), hashlib.blake2b(data, digest_size=16).digest()))
+        if len(self._digests) >= 200_000:
+            self._digests.clear()
+        self._digests[id(proto)] = (proto, key)
+        return key
+
+    def values(self, graph: Graph) -> dict[str, int]:
+        """A key per value: graph inputs by name, initializers by content, every other value by its
+        producer's op, attributes and input keys (memoised on the graph)."""
+        memo = graph.memo()
+        slot = ("xrlflow.sites.values", id(self))
+        keys = memo.get(slot)
+        if keys is None:
+            keys = {"": 0}
+            for name in graph.inputs:
+                keys[name] = hash((1, name))
+            for name in graph.initializers:
+                if name not in keys:
+                    keys[name] = self.initializer(graph, name)
+            for name in graph.topological_order():
+                node = graph.nodes[name]
+                node_key = hash((node.signature, tuple(keys.get(v, hash((3, v))) for v in node.all_inputs)))
+                for i, out in enumerate(node.outputs):
+                    if out:
+                        keys[out] = hash((node_key, i))
+            memo[slot] = keys
+        return keys
+
+    def graph_key(self, graph: Graph) -> int:
+        keys = self.values(graph)
+        return hash((tuple(keys.get(v, 0) for v in graph.outputs), len(graph.nodes)))
+
+    def match_key(self, graph: Graph, match: Match) -> tuple[Any, ...]:
+        """The match by what it binds, not by node names: equal for the same rewrite at the same place of
+        two graphs with equal keys."""
+        keys = self.values(graph)
+        bound = tuple(keys.get(graph.nodes[n].outputs[0], 0) if n in graph.nodes and graph.nodes[n].outputs else 0
+                      for n in match.nodes)
+        return (match.rule, bound, _params_key(graph, match.params))
 
 
 def site_groups(graph: Graph, matches: Sequence[Match],
@@ -219,5 +251,5 @@ def local_cost_delta(service: LatencyService, parent: Graph, child: Graph, radiu
     return after.ms - before.ms
 
 
-__all__ = ["GUARD_HOPS", "LOCAL_RADIUS", "apply_at_sites", "match_key", "region_key", "value_keys", "changed_nodes", "local_cost_delta", "site_groups", "site_signature",
+__all__ = ["ContentKeys", "GUARD_HOPS", "LOCAL_RADIUS", "apply_at_sites", "region_key", "changed_nodes", "local_cost_delta", "site_groups", "site_signature",
            "subgraph"]

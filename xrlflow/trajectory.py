@@ -55,13 +55,15 @@ class SearchState:
     """The incumbent, the history and the seen set of one search (or one env episode)."""
 
     def __init__(self, graph: Graph, latency: Latency, min_improvement: float = 0.0,
-                 on_step: StepCallback | None = None) -> None:
+                 on_step: StepCallback | None = None, key: Callable[[Graph], Any] | None = None) -> None:
         self.best, self.best_latency, self.best_path = graph, latency, []
         self.min_improvement = min_improvement
         self.on_step = on_step
         self.history: list[StepRecord] = []
-        self.seen = {graph.structural_hash()}
-        self.taken: dict[str, set[Any]] = {}  # graph hash -> actions already taken from that graph
+        # what identifies a graph: its structural hash, or e.g. `sites.ContentKeys.graph_key`
+        self.key: Callable[[Graph], Any] = key or Graph.structural_hash
+        self.seen = {self.key(graph)}
+        self.taken: dict[Any, set[Any]] = {}  # graph hash -> actions already taken from that graph
         self.steps_since_best = 0
 
     def offer(self, graph: Graph, latency: Latency, path: Sequence[Match]) -> bool:
@@ -75,14 +77,14 @@ class SearchState:
 
     def take(self, graph: Graph, action: Any) -> None:
         """Record that `action` (any hashable key, e.g. a tuple of matches) was taken from `graph`."""
-        self.taken.setdefault(graph.structural_hash(), set()).add(action)
+        self.taken.setdefault(self.key(graph), set()).add(action)
 
     def was_taken(self, graph: Graph, action: Any) -> bool:
-        return action in self.taken.get(graph.structural_hash(), ())
+        return action in self.taken.get(self.key(graph), ())
 
     def see(self, graph: Graph) -> bool:
         """Add the graph to the seen set; True when it is new."""
-        key = graph.structural_hash()
+        key = self.key(graph)
         if key in self.seen:
             return False
         self.seen.add(key)
