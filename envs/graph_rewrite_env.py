@@ -34,8 +34,8 @@ once per group of identical sites, on the group's first match; a macro's gain is
 Reward: 100 * (L_prev - L_new) / L_initial, no living bonus. **Returning to a graph already seen in the
 episode is penalised**: the step's reward is lowered by `config.revisit_penalty` (info["revisit"]), and
 (`config.mask_taken`) the ways out taken before from that graph are masked, so a walk cannot cycle. Graphs
-are told apart by content (`xrlflow.sites.ContentKeys`: a round trip such as enlarge then shrink a kernel
-returns to the same graph under new weight names). A failed measurement (Latency.ok
+are told apart by structure, not names (`xrlflow.sites.ContentKeys`: the graph a round trip returns to has
+new node names, and the way out is recognised by what it binds). A failed measurement (Latency.ok
 False) ends the episode with reward `config.failure_penalty` (info["measurement_failed"]) and the failing
 graph is not taken; a rewrite that grows the graph past max_nodes/max_edges ends the episode with reward 0
 (info["graph_too_large"]) and is not taken either; a rewrite the engine refuses (GraphError: a bug in a rule's
@@ -73,6 +73,7 @@ from xrlflow.trajectory import SearchState
 ENV_ID = "xrlflow/GraphRewrite-v0"
 FEATURE_BOUND = 64.0  # features are log-scaled and non-negative (see features.py); far above any real value
 CANDIDATE_FEATURES = 5
+RECENT_GRAPHS = 512  # graphs whose slots and arrays an env keeps (see GraphRewriteEnv._recent_entry)
 
 Slot = tuple[Match, ...]  # one match, or a macro: the same rule at several identical sites
 
@@ -221,7 +222,8 @@ class GraphRewriteEnv(gym.Env):
         # region key -> (predicted ms change, the nodes the key's ids stand for): a rewrite far from the last
         # one keeps its predicted change, so most candidates are priced once per lineage, not once per step
         self._delta_cache: dict[Any, tuple[float, tuple]] = {}
-        self._content = ContentKeys()  # revisits are recognised by content (a round trip renames weights)
+        self._recent: dict[Any, dict[str, Any]] = {}  # see _recent_entry
+        self._content = ContentKeys()  # revisits and ways out, recognised independently of node names
 
     # Gymnasium sets `spec` after construction (gym.make); a measured reward makes the spec nondeterministic.
     @property
@@ -395,15 +397,30 @@ class GraphRewriteEnv(gym.Env):
         """Slot i by what it rewrites, independent of node names (a revisited graph has new ones)."""
         return tuple(self._content.match_key(self.graph, m) for m in self._slots[i])
 
+    def _recent_entry(self, g: Graph) -> dict[str, Any]:
+        """This env's cache for a graph equal to `g` node for node (same names, same node values), such as the
+        same path taken again in a later episode or rollout (a new graph object each time, with an empty
+        memo); bounded, oldest entries dropped first."""
+        memo = g.memo()
+        entry = memo.get(("xrlflow.env.recent", id(self)))
+        if entry is None:
+            key = (g.structural_hash(), hash(tuple(g.nodes.items())))
+            entry = self._recent.pop(key, None) or {}
+            self._recent[key] = entry
+            while len(self._recent) > RECENT_GRAPHS:
+                self._recent.pop(next(iter(self._recent)))
+            memo[("xrlflow.env.recent", id(self))] = entry
+        return entry
+
     def _refresh_candidates(self) -> None:
-        memo = self.graph.memo()
-        key = ("xrlflow.env.slots", self.config, id(self.predictor), self.engine.fingerprint, self.engine.allowed)
+        entry = self._recent_entry(self.graph)
+        key = ("slots", self.engine.fingerprint, self.engine.allowed)
         self._children = {}
-        if key not in memo:
-            # the children are kept for this step only: in the memo they would keep every graph explored alive
+        if key not in entry:
+            # the children are kept for this step only: cached they would keep every graph explored alive
             slots, singles, features, dropped, self._children = self._compute_slots(self.graph)
-            memo[key] = (slots, singles, features, dropped)
-        self._slots, self._singles, self._features, self._dropped = memo[key]
+            entry[key] = (slots, singles, features, dropped)
+        self._slots, self._singles, self._features, self._dropped = entry[key]
 
     def _compute_slots(self, g: Graph):
         cfg = self.config
@@ -467,13 +484,12 @@ class GraphRewriteEnv(gym.Env):
         }
 
     def _arrays(self, g: Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]] | None:
-        """The graph's unpadded arrays (memoised on the graph, shared by envs of the same config and service);
-        None when the graph does not fit the padding."""
-        memo = g.memo()
-        key = ("xrlflow.env.arrays", self.config, id(self.latency_service))
-        if key not in memo:
-            memo[key] = self._graph_arrays(g)
-        return memo[key]
+        """The graph's unpadded arrays (cached per graph in this env); None when the graph does not fit the
+        padding."""
+        entry = self._recent_entry(g)
+        if "arrays" not in entry:
+            entry["arrays"] = self._graph_arrays(g)
+        return entry["arrays"]
 
     def _observation(self) -> dict[str, np.ndarray]:
         arrays = self._arrays(self.graph)

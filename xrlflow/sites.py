@@ -22,10 +22,7 @@ Core module: no torch, no gymnasium.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterable, Sequence
-
-from onnx import numpy_helper
 
 from xrlflow.engine import Match, RewriteEngine
 from xrlflow.errors import GraphError
@@ -71,28 +68,13 @@ def site_signature(graph: Graph, match: Match) -> int:
 
 
 class ContentKeys:
-    """Name-independent keys of values, matches and graphs, with initializers keyed by their content.
+    """Name-independent keys of values, matches and graphs (memoised on each graph, under this object).
 
-    `Graph.structural_hash` keys an initializer by its name, and a rewrite that builds a weight anew (a
-    kernel padded, then cropped back) names it anew: the graph it returns to hashes differently from the
-    graph it left. Here an initializer is keyed by dtype, dims and a digest of its bytes, so such a round
-    trip is recognised. Digests are cached per initializer value (shared by every graph of one model), in
-    this object: one per env or search."""
-
-    def __init__(self) -> None:
-        self._digests: dict[int, tuple[Any, int]] = {}  # id(TensorProto) -> (the proto, its key)
-
-    def initializer(self, graph: Graph, name: str) -> int:
-        proto = graph.initializers[name]
-        hit = self._digests.get(id(proto))
-        if hit is not None and hit[0] is proto:
-            return hit[1]
-        data = proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
-        key = hash((2, proto.data_type, tuple(proto.dims), hashlib.blake2b(data, digest_size=16).digest()))
-        if len(self._digests) >= 200_000:
-            self._digests.clear()
-        self._digests[id(proto)] = (proto, key)
-        return key
+    A graph reached again along another path has new names for the nodes and values the rewrites created;
+    its structural hash is the same, and so are these keys: graph inputs and initializers by name (the
+    initializers of a model never change along its rewrites: rewrites build new constants as nodes, whose
+    attribute values their signatures hold), every other value by its producer's op, attributes and input
+    keys. `match_key` names a match by the keys of what it binds."""
 
     def values(self, graph: Graph) -> dict[str, int]:
         """A key per value: graph inputs by name, initializers by content, every other value by its
@@ -106,7 +88,7 @@ class ContentKeys:
                 keys[name] = hash((1, name))
             for name in graph.initializers:
                 if name not in keys:
-                    keys[name] = self.initializer(graph, name)
+                    keys[name] = hash((2, name))
             for name in graph.topological_order():
                 node = graph.nodes[name]
                 node_key = hash((node.signature, tuple(keys.get(v, hash((3, v))) for v in node.all_inputs)))
