@@ -39,6 +39,11 @@ ELEMENT_FLOPS = {
     "SkipSimplifiedLayerNormalization": 7.0, "SimplifiedLayerNormalization": 6.0, "Exp": 4.0, "Tanh": 4.0, "Sigmoid": 4.0, "Pow": 4.0, "Sqrt": 2.0, "Div": 2.0,
 }
 
+CONTRIB_DOMAIN = "com.microsoft"
+SHAPE_KEEPING_CONTRIB_OPS = frozenset({
+    "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization",
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +137,26 @@ def _matmul_foldable(perm: tuple[int, ...]) -> bool:
     return perm in (batch + (0, r - 1), batch + (r - 1, 0))
 
 
+def _takes_bias(graph: Graph, node: Node, const, vanished: set[str]) -> bool:
+    """The MatMul/Gemm and its constant bias Add become one Gemm (MatMulAddFusion, before the scale and
+    transpose fusions); a MatMul of rank > 2 that reads a folded Transpose becomes FusedMatMul, which takes no
+    bias."""
+    nxt = _sole_reader(graph, node.outputs[0])
+    if nxt is None or nxt.op_type != "Add" or nxt.is_opaque or not const(_other_input(nxt, node.outputs[0])):
+        return False
+    if node.op_type == "MatMul" and any(len(graph.static_shape(v) or ()) != 2 for v in node.inputs[:2]):
+        return not any(p is not None and p.op_type == "Transpose" and p.name in vanished
+                       for p in map(graph.producer_of, node.inputs[:2]))
+    return True
+
+
 @dataclass
 class _TransposePlan:
     vanished: set[str]  # Transposes (and scales) that launch nothing of their own
     members: dict[str, list[str]]  # MatMul/Gemm -> the Transposes and scales its kernel takes in
 
 
-def _transpose_plan(graph: Graph, const, gelu_nodes: set[str]) -> _TransposePlan:
+def _transpose_plan(graph: Graph, profile: DeviceProfile, const, gelu_nodes: set[str]) -> _TransposePlan:
     """Which Transposes onnxruntime's transpose optimiser and transpose fusions remove, and where they go."""
     nodes = graph.nodes
     order = graph.topological_order()
@@ -231,6 +249,8 @@ def _transpose_plan(graph: Graph, const, gelu_nodes: set[str]) -> _TransposePlan
             else:
                 matmuls = []
                 break
+        if "matmul_add" in profile.fusions and any(_takes_bias(graph, nodes[m], const, vanished) for m in matmuls):
+            continue  # a Gemm by then: onnxruntime's MatMulScaleFusion does not take Gemms
         if not matmuls:
             continue
         vanished.add(name)
@@ -257,7 +277,7 @@ def group_kernels(graph: Graph, profile: DeviceProfile) -> list[Kernel]:
         for node in graph.nodes.values():
             if node.op_type in ("Div", "Mul"):
                 gelu_nodes.update(m.name for m in _gelu_nodes(graph, node, const) or ())
-    plan = _transpose_plan(graph, const, gelu_nodes)
+    plan = _transpose_plan(graph, profile, const, gelu_nodes)
     for name in graph.topological_order():
         if name in absorbed or name in plan.vanished:
             continue
@@ -282,12 +302,7 @@ def group_kernels(graph: Graph, profile: DeviceProfile) -> list[Kernel]:
             members = gelu
         elif op in ("MatMul", "Gemm"):
             nxt = _sole_reader(graph, out)
-            # a MatMul of rank > 2 that reads a folded Transpose becomes FusedMatMul, which takes no bias
-            fused_transpose = op == "MatMul" and any(len(graph.static_shape(v) or ()) != 2 for v in node.inputs[:2]) and any(
-                p is not None and p.op_type == "Transpose" and p.name in plan.vanished
-                for p in map(graph.producer_of, node.inputs[:2]))
-            if nxt is not None and nxt.op_type == "Add" and "matmul_add" in fusions and const(_other_input(nxt, out)) \
-                    and not fused_transpose:
+            if "matmul_add" in fusions and _takes_bias(graph, node, const, plan.vanished):
                 members.append(nxt)  # Gemm (onnxruntime's MatMulAddFusion runs first, at the basic level)
             elif op == "MatMul" and nxt is not None and "matmul_scale" in fusions and _scales_by_scalar(graph, nxt, out, const):
                 members.append(nxt)  # FusedMatMul with alpha
@@ -370,21 +385,21 @@ def node_flops(graph: Graph, node: Node) -> float:
     that do more than one operation per element, one otherwise (0 when the output shape is unknown)."""
     out_type = graph.types.get(node.outputs[0]) if node.outputs else None
     out_n = out_type.numel() if out_type is not None else None
+    op = node.op_type
+    if out_n is None and node.domain == CONTRIB_DOMAIN and node.inputs:
+        # onnx's shape inference knows no contrib op: these keep their input's shape
+        if op in SHAPE_KEEPING_CONTRIB_OPS:  # (the residual or the input: the largest known operand)
+            sizes = [t.numel() for t in map(graph.types.get, node.inputs) if t is not None and t.numel() is not None]
+            out_n = max(sizes) if sizes else None
+        if op in ("MultiHeadAttention", "Attention"):
+            return _attention_flops(graph, node, out_n or 0)
+    if op == "FusedMatMul" and node.domain == CONTRIB_DOMAIN:
+        return _fused_matmul_flops(graph, node)
     if out_n is None:
         return 0.0
-    op = node.op_type
     if op == "MatMul":
         a = graph.static_shape(node.inputs[0])
         return 2.0 * out_n * (a[-1] if a else 1)
-    if op == "FusedMatMul":
-        a = graph.static_shape(node.inputs[0])
-        if not a:
-            return 2.0 * out_n
-        if node.attr("transBatchA", 0):
-            k = a[0] if node.attr("transA", 0) else a[-1]
-        else:
-            k = a[-2] if node.attr("transA", 0) else a[-1]
-        return 2.0 * out_n * k
     if op in ("MultiHeadAttention", "Attention"):
         return _attention_flops(graph, node, out_n)
     if op == "Gemm":
@@ -409,6 +424,31 @@ def node_flops(graph: Graph, node: Node) -> float:
     return ELEMENT_FLOPS.get(op, 1.0) * out_n
 
 
+def _fused_matmul_flops(graph: Graph, node: Node) -> float:
+    """2 x batch x M x N x K of FusedMatMul, its operands read through transA/transB/transBatchA/transBatchB."""
+    def operand(value: str, trans: int, trans_batch: int) -> tuple[list[int], int, int] | None:
+        shape = graph.static_shape(value)
+        if not shape or len(shape) < 2:
+            return None
+        dims = list(shape)
+        if trans_batch and len(dims) >= 3:
+            dims = dims[1:-1] + [dims[0], dims[-1]]
+        if trans:
+            dims[-2], dims[-1] = dims[-1], dims[-2]
+        return dims[:-2], dims[-2], dims[-1]
+
+    a = operand(node.inputs[0], node.attr("transA", 0), node.attr("transBatchA", 0))
+    b = operand(node.inputs[1], node.attr("transB", 0), node.attr("transBatchB", 0))
+    if a is None or b is None:
+        return 0.0
+    batch_a, m, k = a
+    batch_b, _, n_cols = b
+    rank = max(len(batch_a), len(batch_b))
+    batch_a, batch_b = [1] * (rank - len(batch_a)) + batch_a, [1] * (rank - len(batch_b)) + batch_b
+    batch = float(np.prod([max(x, y) for x, y in zip(batch_a, batch_b)])) if rank else 1.0
+    return 2.0 * batch * m * n_cols * k
+
+
 def _attention_flops(graph: Graph, node: Node, out_n: int) -> float:
     """Scores and context (4 B N S Skv H, for Q.K^T and P.V) plus softmax (5 per score); for Attention also
     its packed QKV projection (2 B S in 3D)."""
@@ -428,11 +468,11 @@ def _attention_flops(graph: Graph, node: Node, out_n: int) -> float:
         keys = seq
     else:
         k = graph.static_shape(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
-        out = graph.static_shape(node.outputs[0])
-        if len(q) != 3 or not out:
+        v = graph.static_shape(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+        if len(q) != 3:
             return float(out_n)
         batch, seq, hidden_qk = q
-        hidden_v = out[-1]
+        hidden_v = v[-1] * (v[1] if len(v) == 4 else 1) if v else hidden_qk
         keys = (k[2] if len(k) == 4 else k[1]) if k else seq
         projection = 0.0
     return projection + 2.0 * batch * seq * keys * (hidden_qk + hidden_v) + 5.0 * batch * heads * seq * keys
