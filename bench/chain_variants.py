@@ -41,12 +41,16 @@ class ChainError(Exception):
 
 # ---- graphs (CPU side; also used by bench/table_fill.py --rewrites) ---------------------------------------
 def zoo_graph(name: str, batch: int, seq: int, small: bool = False):
-    """The zoo model (full size unless `small`) in the canonical form searches start from."""
+    """The zoo model (full size unless `small`; `seq` for sequence models) in the canonical form searches start
+    from."""
     from xrlflow.engine import prepare_for_search
     from xrlflow.onnx_io import load_graph
     from xrlflow.rules import CANONICAL_RULES, default_engine
     from xrlflow.zoo import export_model
+    from xrlflow.zoo.registry import get_entry
 
+    if not get_entry(name).takes_seq:
+        seq = None  # image models (vit-base) have a fixed input size
     return prepare_for_search(load_graph(export_model(name, small=small, batch=batch, seq=seq)), default_engine(), CANONICAL_RULES)
 
 
