@@ -150,3 +150,31 @@ def test_contrib_ops_are_kernels_with_their_work(tmp_path):
         session = ort.InferenceSession(built.SerializeToString(), providers=["CPUExecutionProvider"])
         feeds = {name: np.random.default_rng(0).standard_normal(shape).astype(np.float32) for name, _, shape in runtime}
         session.run(None, feeds)
+
+
+@pytest.mark.parametrize("name", ["bert-base", "gpt2"])
+def test_every_single_rewrite_of_the_new_rules_is_grouped_as_onnxruntime_runs_it(name, tmp_path):
+    # each site of the transposition-algebra and attention-fusion rules, on the canonical graph and the one with
+    # merged projections, and every step of the head-major chain: kernels priced == nodes onnxruntime keeps
+    from bench.chain_variants import ChainError, exhaust, head_major_steps, require_rules, zoo_graph
+    from bench.table_fill import REWRITE_RULES
+    from xrlflow.rules import default_engine
+
+    try:
+        require_rules(REWRITE_RULES)
+    except ChainError as exc:
+        pytest.skip(str(exc))
+    engine = default_engine()
+    base = zoo_graph(name, 1, 32, small=True)
+    merged = exhaust(base, "merge-parallel-matmul")
+    graphs = [(label, graph) for label, graph in head_major_steps(merged)]
+    for start, label in ((base, "canonical"), (merged, "merged")):
+        graphs += [(f"{label}: {m.rule}", engine.apply(start, m)) for m in engine.matches(start) if m.rule in REWRITE_RULES]
+    assert len(graphs) > 50
+    wrong = []
+    for label, graph in graphs:
+        priced = sum(1 for k in group_kernels(graph, H200_PROFILE) if not k.alias)
+        kept = sum(onnxruntime_nodes(graph_to_bytes(graph), "cpu", str(tmp_path)).values())
+        if priced != kept:
+            wrong.append(f"{label}: {priced} priced, {kept} kept")
+    assert not wrong, wrong[:5]
