@@ -60,8 +60,14 @@ REWRITE_RULES = (
 
 def rewrite_graphs(models, batches, seq: int, rules=REWRITE_RULES, small: bool = False, log=print):
     """The graphs --rewrites prices: see the module's docstring."""
-    from bench.chain_variants import ATTENTION_FUSIONS, exhaust, head_major_steps, require_rules, zoo_graph
+    from xrlflow.errors import BadInputError
     from xrlflow.rules import default_engine
+
+    try:
+        from bench.chain_variants import ATTENTION_FUSIONS, exhaust, head_major_steps, require_rules, zoo_graph
+    except ModuleNotFoundError:
+        raise BadInputError("--rewrites imports bench/ and tests/: run it as `python -m bench.table_fill` from the "
+                            "repository root") from None
 
     require_rules(tuple(rules) + ("merge-parallel-matmul",))
     engine = default_engine()
