@@ -8,7 +8,8 @@ each rule's run), and the contrib-op attention fusions; each with the cost model
     .venv/bin/python -m bench.chain_variants report --dir bench/out/chain --json chain_timing.json \\
         -o bench/results/chain_variants_h200.md
 
-`prepare` verifies each variant against the original on onnxruntime's CPU EP and writes it with its large
+`prepare --predict-only` re-prices an existing set after the table changed (bench/table_fill.py merge), keeping
+its files and timings. `prepare` verifies each variant against the original on onnxruntime's CPU EP and writes it with its large
 weights stripped (bench/pipeline_speedup.py's strip_weights), so the set travels in a few MB. `time` refills
 them with random values and times each variant against the canonical graph as paired, interleaved A/B runs
 (bench/gpu_timing.py; numpy, onnx and onnxruntime only). `report` computes Spearman between the predicted
@@ -124,6 +125,20 @@ def prepare(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {"profile": args.profile, "batch": args.batch, "seq": args.seq, "small": args.small, "models": {}}
+    if args.predict_only:  # re-price the written variants (after a table change); files and timings stay valid
+        written = json.loads((folder / "manifest.json").read_text())
+        manifest = {**written, "profile": args.profile, "models": dict(written["models"])}
+        for name in args.models:
+            rows = manifest["models"][name]
+            for label, graph in variants(name, written["batch"], written["seq"], written["small"]):
+                cost = model.estimate(graph)
+                rows[label] = {**rows[label], "predicted_ms": cost.ms, "kernels": int(cost.features[1]),
+                               "table_coverage": model.table_coverage(graph)}
+                print(f"[{name}] {label}: {cost.ms:.4f} ms predicted, coverage {rows[label]['table_coverage']:.2f}", flush=True)
+        tmp = folder / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(folder / "manifest.json")
+        return 0
     for name in args.models:
         rows: dict[str, dict] = {}
         original = None
@@ -266,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--seq", type=int, default=128)
     pp.add_argument("--profile", default="h200")
     pp.add_argument("--small", action="store_true", help="the zoo's small variants (a quick check of this script)")
+    pp.add_argument("--predict-only", action="store_true",
+                    help="only re-price the variants of an existing --dir (after the table changed)")
     pt = sub.add_parser("time")
     pt.add_argument("--dir", required=True)
     pt.add_argument("--json", required=True)

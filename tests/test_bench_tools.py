@@ -163,6 +163,12 @@ def test_chain_variants_prepare_time_and_report_on_the_cpu(tmp_path):
     from bench.pipeline_speedup import STRIP_MARK
 
     assert any(t.doc_string == STRIP_MARK for t in onnx.load(folder / rows["canonical"]["file"]).graph.initializer)
+    # re-pricing (after a table merge) keeps the files; under the same table it gives the same prices
+    before = (folder / rows["merged"]["file"]).read_bytes()
+    bench("-m", "bench.chain_variants", "prepare", "--dir", str(folder), "--models", "bert-base", "--predict-only")
+    repriced = json.loads((folder / "manifest.json").read_text())["models"]["bert-base"]
+    assert set(repriced) == set(rows) and (folder / rows["merged"]["file"]).read_bytes() == before
+    assert all(abs(repriced[x]["predicted_ms"] - rows[x]["predicted_ms"]) < 1e-12 for x in rows)
     timing = tmp_path / "timing.json"
     bench("bench/chain_variants.py", "time", "--dir", str(folder), "--json", str(timing), "--device", "cpu",
           "--cycles", "2", "--runs", "2", "--work", str(tmp_path / "work"))
