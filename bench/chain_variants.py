@@ -199,7 +199,9 @@ def time_all(args: argparse.Namespace) -> int:
             if label == "canonical" or time.monotonic() > deadline:
                 continue
             try:
-                timing = paired_timing(base, filled(row["file"]), setting).as_dict()
+                variant = filled(row["file"])
+                timing = paired_timing(base, variant, setting).as_dict()
+                Path(variant).unlink()  # full-size refilled models are ~0.5 GB each
             except Exception as exc:  # one failing variant must not lose the others' timings
                 timing = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             results["models"][name][label] = timing
