@@ -53,8 +53,9 @@ REWRITE_RULES = (
     "move-reshape-before-transpose", "move-transpose-before-reshape", "move-transpose-before-split",
     "move-transpose-after-split", "move-transpose-after-concat", "move-transpose-before-concat",
     "move-transpose-after-const-binary", "move-transpose-before-const-binary", "move-scale-into-matmul",
-    "move-scale-out-of-matmul", "matmul-add-to-gemm", "gemm-to-matmul-add",
-    "fuse-multihead-attention", "fuse-packed-qkv-attention",
+    "move-scale-out-of-matmul", "move-scale-before-reshape", "move-scale-after-reshape", "compose-reshapes",
+    "cancel-identity-reshape", "move-transpose-before-unary", "move-transpose-after-unary", "matmul-add-to-gemm",
+    "gemm-to-matmul-add", "fuse-multihead-attention", "fuse-packed-qkv-attention",
 )
 
 
