@@ -52,3 +52,27 @@ def test_atomic_writes_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert _mode(tmp_path / "a.txt") == 0o640 and (tmp_path / "a.txt").read_bytes() == b"x"
+
+
+# ---- exit codes ---------------------------------------------------------------------------------------------------
+def test_exit_codes_are_distinct_and_in_the_help(model_file, tmp_path, monkeypatch, capsys):
+    import xrlflow.optimizer as optimizer
+
+    for command in ([], ["optimize"]):
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "exit codes: 0 success, 2 bad input or usage, 3 the optimised model failed verification" in help_text
+        assert "1 internal error" in help_text
+
+    assert _optimize(tmp_path / "missing.onnx", "-o", tmp_path / "o.onnx", "--search", "greedy") == 2
+    assert "no such file" in capsys.readouterr().err
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(optimizer, "to_model", broken_export)
+    assert _optimize(model_file, "-o", tmp_path / "o.onnx", "--search", "greedy") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "xrlflow: internal error: RuntimeError: a bug" and not (tmp_path / "o.onnx").exists()

@@ -1,4 +1,5 @@
-"""The `xrlflow` command line. Exit codes: 0 success, 2 bad input or usage, 1 internal error."""
+"""The `xrlflow` command line. Exit codes (`cli_options.EXIT_*`): 0 success, 2 bad input or usage, 3 the optimised
+model failed verification, 1 internal error."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from xrlflow.cli_options import OneLineParser, run_handler
+from xrlflow.cli_options import EXIT_CODES_HELP, OneLineParser, run_handler
 
 # Subcommands live next to what they drive; each module has `add_cli(subparsers)` which registers its
 # parser(s) with `set_defaults(handler=...)`, the handler taking the parsed args and returning an exit code.
@@ -39,7 +40,8 @@ def _add_torch_command(sub: argparse._SubParsersAction, name: str, command: str 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; `command` is the subcommand about to be parsed (a torch command gets its full parser only
     then)."""
-    parser = OneLineParser(prog="xrlflow", description="Reinforcement-learning graph superoptimizer for ONNX models")
+    parser = OneLineParser(prog="xrlflow", description="Reinforcement-learning graph superoptimizer for ONNX models",
+                           epilog=EXIT_CODES_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_cli(sub)

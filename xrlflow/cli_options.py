@@ -15,6 +15,17 @@ from typing import Any, Callable, Mapping
 
 from xrlflow.errors import BadInputError
 
+# The exit codes of every command (documented in --help and the README's command-line section).
+EXIT_OK = 0
+EXIT_INTERNAL_ERROR = 1
+EXIT_BAD_INPUT = 2  # also argparse's own exit for a bad flag
+EXIT_NOT_VERIFIED = 3  # optimize: the result does not compute what the input computes; nothing written
+EXIT_INTERRUPTED = 130
+EXIT_CODES_HELP = (
+    f"exit codes: {EXIT_OK} success, {EXIT_BAD_INPUT} bad input or usage, {EXIT_NOT_VERIFIED} the optimised model "
+    f"failed verification (nothing written), {EXIT_INTERNAL_ERROR} internal error, {EXIT_INTERRUPTED} interrupted"
+)
+
 
 @dataclass(frozen=True)
 class Option:
@@ -121,21 +132,22 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse exits 2 with its usage on a bad flag; this keeps it to one line, as every xrlflow error."""
 
     def error(self, message: str) -> None:
-        self.exit(2, f"xrlflow: error: {message}\n")
+        self.exit(EXIT_BAD_INPUT, f"xrlflow: error: {message}\n")
 
 
 def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command: exit 0 on success, 2 with one line for bad input, 1 with one line for anything else."""
+    """Run a command: its own exit code on success (0, or EXIT_NOT_VERIFIED), EXIT_BAD_INPUT with one line for
+    bad input, EXIT_INTERNAL_ERROR with one line for anything else."""
     try:
-        return int(handler(args) or 0)
+        return int(handler(args) or EXIT_OK)
     except BadInputError as exc:
         print(f"xrlflow: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("xrlflow: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # an internal error: one line, exit 1 (XRLFLOW_DEBUG=1 shows the traceback)
         if os.environ.get("XRLFLOW_DEBUG"):
             raise
         print(f"xrlflow: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL_ERROR

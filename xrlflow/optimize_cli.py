@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from xrlflow.cli_options import add_options, config_from
+from xrlflow.cli_options import EXIT_CODES_HELP, EXIT_NOT_VERIFIED, EXIT_OK, add_options, config_from
 from xrlflow.errors import BadInputError
 
 
@@ -18,6 +18,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "optimize", help="optimise an ONNX model (policy or search), verify it and write it",
         description="Rewrite an ONNX model for lower latency with a trained policy or a search baseline; "
         "the result is verified against the input on the CPU EP before anything is written.",
+        epilog=EXIT_CODES_HELP,
     )
     add_optimize_arguments(p)
     p.set_defaults(handler=run_optimize)
@@ -91,7 +92,7 @@ def run_optimize(args: argparse.Namespace) -> int:
             write_json(args.report, report)
         print(format_summary(report), file=sys.stderr)
         print(f"xrlflow: {failure}; nothing written to {args.output}", file=sys.stderr)
-        return 1
+        return EXIT_NOT_VERIFIED
     report = result.report
     report["command"] = _command_line()
     write_result(result, args.output, args.external_data)
@@ -106,7 +107,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     for warning in report["warnings"]:
         print(f"xrlflow: warning: {warning}", file=sys.stderr)
     print(f"wrote {args.output}" + (f", report {args.report}" if args.report else "") + (f", chart {args.plot}" if args.plot else ""))
-    return 0
+    return EXIT_OK
 
 
 def _command_line() -> str:
