@@ -76,3 +76,66 @@ def test_exit_codes_are_distinct_and_in_the_help(model_file, tmp_path, monkeypat
     assert _optimize(model_file, "-o", tmp_path / "o.onnx", "--search", "greedy") == 1
     err = capsys.readouterr().err.strip()
     assert err == "xrlflow: internal error: RuntimeError: a bug" and not (tmp_path / "o.onnx").exists()
+
+
+# ---- --version, -q / -v -------------------------------------------------------------------------------------------
+def test_version(capsys):
+    from xrlflow.version import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"xrlflow {__version__}"
+
+
+@pytest.fixture()
+def unrunnable_model(tmp_path):
+    """A model onnxruntime cannot run (an op of an unknown domain): optimising it warns that it is not verified."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Foo", ["r"], ["y"], domain="com.example", name="foo")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("flags, warned, informed", [
+    ([], True, False),
+    (["-q"], False, False),
+    (["-v"], True, True),
+])
+def test_quiet_and_verbose_set_what_stderr_shows(unrunnable_model, tmp_path, flags, warned, informed, capsys):
+    assert _optimize(unrunnable_model, *flags, "-o", tmp_path / "o.onnx", "--search", "greedy") == 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert any(line.startswith("xrlflow: warning: onnxruntime cannot run the input model") for line in lines) == warned
+    assert any(line.startswith("xrlflow: optimising ") for line in lines) == informed
+    assert "wrote " in captured.out  # stdout (the summary) does not depend on -q / -v
+
+
+def test_verbosity_flags_go_before_or_after_the_command(unrunnable_model, tmp_path, capsys):
+    assert main(["-q", "optimize", str(unrunnable_model), "-o", str(tmp_path / "o.onnx"), "--search", "greedy",
+                 "--latency", "cost"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_python_warnings_follow_the_verbosity(monkeypatch, capsys):
+    import warnings
+
+    import xrlflow.rules_cli as rules_cli
+
+    real = rules_cli.run_rules
+
+    def warning_rules(args):
+        warnings.warn("something a library says", UserWarning)
+        return real(args)
+
+    monkeypatch.setattr(rules_cli, "run_rules", warning_rules)
+    assert main(["rules"]) == 0
+    assert capsys.readouterr().err.strip() == "xrlflow: warning: UserWarning: something a library says"
+    assert main(["rules", "-q"]) == 0
+    assert capsys.readouterr().err == ""

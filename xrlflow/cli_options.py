@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from xrlflow.errors import BadInputError
 
@@ -151,3 +154,55 @@ def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
             raise
         print(f"xrlflow: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
+
+
+# ---- stderr messages: -q / -v ------------------------------------------------------------------------------------
+LOGGER = "xrlflow"  # the commands' stderr messages: logging.getLogger("xrlflow").warning / .info / .debug
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser, top_level: bool) -> None:
+    """-q / -v on the top-level parser (counted from 0) and on each subcommand (SUPPRESS: the subcommand's
+    count replaces the top-level one only when given there, so `xrlflow -v optimize` and `xrlflow optimize -v`
+    both work)."""
+    default = 0 if top_level else argparse.SUPPRESS
+    parser.add_argument("-q", "--quiet", action="count", default=default,
+                        help="fewer messages on stderr: -q only errors (no warnings, no progress bar)")
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more messages on stderr: -v what is being done, -vv debugging detail")
+
+
+def verbosity_level(quiet: int, verbose: int) -> int:
+    """The logging level of the stderr messages: warnings by default, errors with -q, info with -v, debug -vv."""
+    return min(logging.CRITICAL, max(logging.DEBUG, logging.WARNING + 10 * (quiet - verbose)))
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "xrlflow: warning: " if record.levelno == logging.WARNING else "xrlflow: "
+        return prefix + record.getMessage()
+
+
+@contextmanager
+def stderr_messages(level: int) -> Iterator[None]:
+    """While a command runs: its log records at `level` or above go to stderr as one line each, and Python
+    warnings (`warnings.warn` from xrlflow or a library) become such warning lines, so -q hides them too. The
+    logger and `warnings.showwarning` are restored afterwards (main() may be called several times, as in tests)."""
+    logger = logging.getLogger(LOGGER)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    saved = logger.level, logger.propagate, warnings.showwarning
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        logger.warning(f"{category.__name__}: {message}")
+
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    warnings.showwarning = show_warning
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        warnings.showwarning = saved[2]

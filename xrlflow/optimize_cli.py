@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
 
-from xrlflow.cli_options import EXIT_CODES_HELP, EXIT_NOT_VERIFIED, EXIT_OK, add_options, config_from
+from xrlflow.cli_options import LOGGER, EXIT_CODES_HELP, EXIT_NOT_VERIFIED, EXIT_OK, add_options, config_from
 from xrlflow.errors import BadInputError
+
+log = logging.getLogger(LOGGER)
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +42,8 @@ def config_from_args(args: argparse.Namespace):
     from xrlflow.optimizer import OptimizeConfig
 
     config = config_from(OptimizeConfig, args)
-    return dataclasses.replace(config, progress=config.progress and sys.stderr.isatty())
+    quiet = getattr(args, "quiet", 0) > 0
+    return dataclasses.replace(config, progress=config.progress and sys.stderr.isatty() and not quiet)
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
@@ -83,6 +87,8 @@ def run_optimize(args: argparse.Namespace) -> int:
 
     check_output_paths(args)
     config = config_from_args(args)
+    log.info(f"optimising {args.model} with the {config.method} on {config.device} (latency: {config.latency})")
+    log.debug(f"{config}")
     try:
         result = optimize(args.model, config)
     except VerificationError as failure:
@@ -105,7 +111,7 @@ def run_optimize(args: argparse.Namespace) -> int:
         )
     print(format_summary(report))
     for warning in report["warnings"]:
-        print(f"xrlflow: warning: {warning}", file=sys.stderr)
+        log.warning(warning)
     print(f"wrote {args.output}" + (f", report {args.report}" if args.report else "") + (f", chart {args.plot}" if args.plot else ""))
     return EXIT_OK
 
