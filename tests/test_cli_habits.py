@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import onnx
 import pytest
@@ -139,3 +140,88 @@ def test_python_warnings_follow_the_verbosity(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "xrlflow: warning: UserWarning: something a library says"
     assert main(["rules", "-q"]) == 0
     assert capsys.readouterr().err == ""
+
+
+# ---- the method: greedy by default, --policy alone is the shipped policy -----------------------------------------
+def _parsed(*argv: str):
+    import argparse
+
+    from xrlflow.optimize_cli import add_optimize_arguments
+
+    parser = argparse.ArgumentParser()
+    add_optimize_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_without_policy_or_search_the_cli_and_the_api_run_greedy(model_file, tmp_path):
+    import json
+
+    from xrlflow.cli_options import config_from
+    from xrlflow.optimizer import OptimizeConfig
+
+    assert config_from(OptimizeConfig, _parsed("m.onnx", "-o", "o.onnx", "--no-progress")) == \
+        config_from(OptimizeConfig, {"no_progress": True}) == OptimizeConfig(search="greedy", progress=False)
+    report = tmp_path / "r.json"
+    assert _optimize(model_file, "-o", tmp_path / "o.onnx", "--report", report) == 0
+    assert json.loads(report.read_text())["method"] == "greedy search"
+
+
+@pytest.fixture(scope="module")
+def tiny_shipped(tmp_path_factory):
+    """A folder laid out as the installed xrlflow.checkpoints, holding a policy trained for a few steps on the
+    current rule registry under the shipped name (the real shipped policy may predate today's registry)."""
+    from xrlflow.costmodel import CostModel
+    from xrlflow.onnx_io import load_graph
+    from xrlflow.train import EnvConfig, PolicyConfig, TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("installed")
+    config = TrainConfig(
+        models=("attention-like",), steps=16, num_envs=1, n_steps=16, batch_size=8, n_epochs=1,
+        env=EnvConfig(max_steps=4), policy=PolicyConfig(hidden=8, layers=1), checkpoint_every=16,
+        run_name="xrlflow-h200", checkpoints_dir=str(folder / "checkpoints"), runs_dir=str(folder / "runs"),
+        progress=False,
+    )
+    train(config, graphs=[("attention-like", load_graph(attention_like_model()))], latency=CostModel("cpu"))
+    return folder / "checkpoints"
+
+
+@pytest.fixture()
+def installed(tiny_shipped, monkeypatch):
+    import xrlflow.shipped as shipped
+
+    monkeypatch.setattr(shipped, "shipped_checkpoints_dir", lambda: tiny_shipped)
+    return tiny_shipped / "xrlflow-h200"
+
+
+def test_policy_alone_is_the_shipped_policy():
+    from xrlflow.optimize_cli import resolve_policy_flag
+    from xrlflow.shipped import shipped_policy
+
+    args = _parsed("m.onnx", "-o", "o.onnx", "--policy")
+    assert args.policy == ""
+    resolve_policy_flag(args)
+    assert args.policy == str(shipped_policy("xrlflow-h200"))
+    named = _parsed("m.onnx", "-o", "o.onnx", "--policy", "xrlflow-h200")
+    resolve_policy_flag(named)
+    assert named.policy == args.policy
+
+
+@pytest.mark.parametrize("policy_flag", [["--policy", "checkpoints/xrlflow-h200"], ["--policy"]])
+def test_the_readme_policy_path_works_outside_the_checkout(model_file, tmp_path, monkeypatch, installed, policy_flag):
+    """`--policy checkpoints/xrlflow-h200` (the README's) or `--policy` alone, run from a folder without
+    checkpoints/, finds the installed package's copy (tests/test_packaging.py checks that the wheel carries it),
+    through the CLI and the Python API."""
+    import json
+
+    import xrlflow
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    report = tmp_path / "r.json"
+    rc = _optimize(model_file, "-o", tmp_path / "o.onnx", "--rollouts", "0", "--steps", "3", "--report", report,
+                   *policy_flag)
+    assert rc == 0
+    assert json.loads(report.read_text())["method"] == f"policy {installed}"
+    result = xrlflow.optimize(model_file, policy="", latency="cost", rollouts=0, steps=3)
+    assert result.report["method"] == f"policy {installed}" and result.report["verification"]["ok"]

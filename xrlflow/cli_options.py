@@ -41,7 +41,7 @@ class Option:
     repeat: bool = False  # the flag may be given several times (a list of values)
     negate: bool = False  # a bool field set False by a store_true flag (--no-...)
     switch: bool = False  # a bool field set True by a store_true flag
-    group: str | None = None  # fields of one required mutually exclusive group
+    group: str | None = None  # fields of one mutually exclusive group (required when none has a default)
 
 
 def option(help: str, default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
@@ -69,19 +69,25 @@ def _options(config_cls: type) -> list[tuple[dataclasses.Field, Option | None]]:
     return out
 
 
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default not in (dataclasses.MISSING, None) or f.default_factory is not dataclasses.MISSING
+
+
 def add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
     groups: dict[str, Any] = {}
-    for f, opt in _options(config_cls):
+    options = _options(config_cls)
+    defaulted = {opt.group for f, opt in options if opt is not None and opt.group is not None and _has_default(f)}
+    for f, opt in options:
         if opt is None:
             add_options(parser, type(f.default))
             continue
         target: Any = parser
         if opt.group is not None:
-            if opt.group not in groups:
-                groups[opt.group] = parser.add_mutually_exclusive_group(required=True)
+            if opt.group not in groups:  # a group where one field has a default needs no flag of it
+                groups[opt.group] = parser.add_mutually_exclusive_group(required=opt.group not in defaulted)
             target = groups[opt.group]
         help_text = opt.help
-        shown = not (opt.negate or opt.switch or opt.repeat or opt.group) and f.default not in (dataclasses.MISSING, None)
+        shown = not (opt.negate or opt.switch or opt.repeat) and f.default not in (dataclasses.MISSING, None)
         if shown:  # the default is the field's, never written out a second time
             help_text += f" (default {f.default})"
         kwargs: dict[str, Any] = {"help": help_text, "dest": dest(f)}
@@ -129,6 +135,12 @@ def option_names(config_cls: type) -> set[str]:
     for f, opt in _options(config_cls):
         names |= option_names(type(f.default)) if opt is None else {dest(f)}
     return names
+
+
+def optional_value(parser: argparse.ArgumentParser, flag: str, bare: Any, metavar: str, help: str) -> None:
+    """Let a generated flag be given without a value (`--policy` alone): it then reads `bare`."""
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    action.nargs, action.const, action.metavar, action.help = "?", bare, metavar, help
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -10,7 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from xrlflow.cli_options import LOGGER, EXIT_CODES_HELP, EXIT_NOT_VERIFIED, EXIT_OK, add_options, config_from
+from xrlflow.cli_options import (
+    LOGGER, EXIT_CODES_HELP, EXIT_NOT_VERIFIED, EXIT_OK, add_options, config_from, optional_value,
+)
 from xrlflow.errors import BadInputError
 
 log = logging.getLogger(LOGGER)
@@ -33,6 +35,9 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input ONNX file")
     p.add_argument("-o", "--output", required=True, help="where to write the optimised ONNX file")
     add_options(p, OptimizeConfig)
+    optional_value(p, "--policy", "", "RUN", "a trained policy instead of the search: a checkpoint folder "
+                   "(checkpoints/RUN) or its policy.zip, or a shipped policy's name; --policy alone (after MODEL) is "
+                   "the shipped xrlflow-h200. Without --policy or --search: the greedy search")
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--plot", help="write a latency-per-step chart here (PNG)")
     p.add_argument("--external-data", action="store_true", help="write the weights to OUT.onnx.data")
@@ -67,8 +72,19 @@ def check_output_paths(args: argparse.Namespace) -> None:
             raise BadInputError(f"{flag} {target}: the folder {folder} is not writable")
     if args.external_data and _same_file(f"{args.output}.data", model):
         raise BadInputError(f"-o {args.output}: its external data file would overwrite the input")
-    if args.policy is not None and not Path(args.policy).exists():
-        raise BadInputError(f"--policy {args.policy}: no such checkpoint")
+
+
+def resolve_policy_flag(args: argparse.Namespace) -> None:
+    """--policy SPEC -> the checkpoint path (`shipped.resolve_policy`: the shipped policy when given alone, and
+    `checkpoints/xrlflow-h200` found in the installed package outside the checkout)."""
+    if args.policy is None:
+        return
+    from xrlflow.shipped import resolve_policy
+
+    spec = args.policy
+    args.policy = str(resolve_policy(spec))
+    if args.policy != spec:
+        log.info(f"--policy {spec or '(alone)'}: {args.policy}")
 
 
 def write_result(result, output: str | os.PathLike[str], external_data: bool) -> None:
@@ -86,6 +102,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     from xrlflow.report import format_summary, plot_latency_history, plot_series, write_json
 
     check_output_paths(args)
+    resolve_policy_flag(args)
     config = config_from_args(args)
     log.info(f"optimising {args.model} with the {config.method} on {config.device} (latency: {config.latency})")
     log.debug(f"{config}")
