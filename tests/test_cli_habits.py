@@ -225,3 +225,24 @@ def test_the_readme_policy_path_works_outside_the_checkout(model_file, tmp_path,
     assert json.loads(report.read_text())["method"] == f"policy {installed}"
     result = xrlflow.optimize(model_file, policy="", latency="cost", rollouts=0, steps=3)
     assert result.report["method"] == f"policy {installed}" and result.report["verification"]["ok"]
+
+
+# ---- the default output --------------------------------------------------------------------------------------------
+def test_output_defaults_to_model_opt_onnx_beside_the_input(model_file, tmp_path, capsys):
+    import hashlib
+
+    before = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert _optimize(model_file) == 0
+    written = tmp_path / "model.opt.onnx"
+    assert f"wrote {written}" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(written))
+    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize("model, output", [
+    ("a/m.onnx", "a/m.opt.onnx"), ("m.ONNX", "m.opt.onnx"), ("a/m", "a/m.opt.onnx"), ("m.opt.onnx", "m.opt.opt.onnx"),
+])
+def test_default_output_names(model, output):
+    from xrlflow.optimize_cli import default_output
+
+    assert default_output(model) == output

@@ -33,7 +33,7 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     from xrlflow.optimizer import OptimizeConfig
 
     p.add_argument("model", help="input ONNX file")
-    p.add_argument("-o", "--output", required=True, help="where to write the optimised ONNX file")
+    p.add_argument("-o", "--output", help="where to write the optimised ONNX file (default MODEL.opt.onnx, beside MODEL)")
     add_options(p, OptimizeConfig)
     optional_value(p, "--policy", "", "RUN", "a trained policy instead of the search: a checkpoint folder "
                    "(checkpoints/RUN) or its policy.zip, or a shipped policy's name; --policy alone (after MODEL) is "
@@ -49,6 +49,13 @@ def config_from_args(args: argparse.Namespace):
     config = config_from(OptimizeConfig, args)
     quiet = getattr(args, "quiet", 0) > 0
     return dataclasses.replace(config, progress=config.progress and sys.stderr.isatty() and not quiet)
+
+
+def default_output(model: str | os.PathLike[str]) -> str:
+    """MODEL.opt.onnx beside the input: `m.onnx` -> `m.opt.onnx`, `m` -> `m.opt.onnx` (never the input itself)."""
+    path = Path(model)
+    stem = path.name[: -len(".onnx")] if path.name.lower().endswith(".onnx") else path.name
+    return str(path.with_name(f"{stem}.opt.onnx"))
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
@@ -101,6 +108,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     from xrlflow.optimizer import VerificationError, optimize
     from xrlflow.report import format_summary, plot_latency_history, plot_series, write_json
 
+    if args.output is None:
+        args.output = default_output(args.model)
     check_output_paths(args)
     resolve_policy_flag(args)
     config = config_from_args(args)
