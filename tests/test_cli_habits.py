@@ -246,3 +246,61 @@ def test_default_output_names(model, output):
     from xrlflow.optimize_cli import default_output
 
     assert default_output(model) == output
+
+
+# ---- --input-shape and input_shape= -------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["x=1x64", "x:1,64", "x=1,64", "x:1x64", "x:1X64"])
+def test_input_shape_flag_takes_both_spellings(spec):
+    from xrlflow.onnx_io import parse_input_shapes
+
+    assert parse_input_shapes([spec]) == {"x": (1, 64)}
+
+
+def test_a_name_with_colons_keeps_them():
+    from xrlflow.onnx_io import parse_input_shapes
+
+    assert parse_input_shapes(["input:0:1,3", "ids:0=2x8"]) == {"input:0": (1, 3), "ids:0": (2, 8)}
+
+
+@pytest.mark.parametrize("spec", ["x", "x=1x-3", "x:1,,3", ":1,3", "x=1.5x2"])
+def test_bad_input_shape_flags_are_one_line(spec, tmp_path, model_file, capsys):
+    assert _optimize(model_file, "-o", tmp_path / "o.onnx", "--input-shape", spec) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"xrlflow: error: bad --input-shape {spec!r}") and "\n" not in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.fixture()
+def batch_model():
+    """The attention-like model with a symbolic batch (8 when bound as the fixed model has it)."""
+    model = attention_like_model()
+    for value in (*model.graph.input, *model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = "batch"
+    return model
+
+
+@pytest.mark.parametrize("dims", ["8x32", "8,32", (8, 32), [8, 32]])
+def test_python_api_input_shape_takes_strings_and_sequences(batch_model, dims):
+    import numpy as np
+
+    import xrlflow
+
+    dims = tuple(np.int64(d) for d in dims) if isinstance(dims, list) else dims
+    result = xrlflow.optimize(batch_model, latency="cost", input_shape={"x": dims})
+    assert result.report["config"]["input_shapes"] == {"x": [8, 32]} and result.report["verification"]["ok"]
+
+
+@pytest.mark.parametrize("shapes, says", [
+    ({"x": "8xa"}, "input_shape['x'] = '8xa'"), ({"x": (8, 0)}, "input_shape['x'] = (8, 0)"),
+    ({"x": 8}, "input_shape['x'] = 8"), ({"x": (8.0, 32)}, "input_shape['x'] = (8.0, 32)"),
+    ({3: (8, 32)}, "the key 3 is not an input name"),
+])
+def test_python_api_bad_input_shape_is_bad_input(batch_model, shapes, says):
+    import xrlflow
+    from xrlflow.errors import BadInputError
+
+    with pytest.raises(BadInputError) as raised:
+        xrlflow.optimize(batch_model, latency="cost", input_shape=shapes)
+    assert says in str(raised.value)
