@@ -304,3 +304,54 @@ def test_python_api_bad_input_shape_is_bad_input(batch_model, shapes, says):
     with pytest.raises(BadInputError) as raised:
         xrlflow.optimize(batch_model, latency="cost", input_shape=shapes)
     assert says in str(raised.value)
+
+
+# ---- flags checked before any work -------------------------------------------------------------------------------
+def _refused_before_any_work(model_file, tmp_path, monkeypatch, capsys, *flags) -> str:
+    """Run with `flags`; the optimisation must never start, nothing be written, and one line say why."""
+    import xrlflow.optimizer as optimizer
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the optimisation started before the flags were checked")
+
+    monkeypatch.setattr(optimizer, "optimize", no_work)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert _optimize(model_file, *flags) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xrlflow: error: ") and "\n" not in err
+    return err
+
+
+def test_a_chart_format_matplotlib_cannot_write_is_refused_first(model_file, tmp_path, monkeypatch, capsys):
+    err = _refused_before_any_work(model_file, tmp_path, monkeypatch, capsys,
+                                   "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--plot", tmp_path / "p.txt")
+    assert "--plot" in err and "cannot write .txt" in err and ".png" in err and ".svg" in err
+
+
+@pytest.mark.parametrize("case", ["no-folder", "read-only-folder", "same-file", "report-is-folder"])
+def test_unwritable_outputs_are_refused_first(model_file, tmp_path, monkeypatch, capsys, case):
+    if case == "read-only-folder" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    flags = {
+        "no-folder": ["-o", tmp_path / "missing" / "o.onnx"],
+        "read-only-folder": ["-o", locked / "o.onnx"],
+        "same-file": ["-o", tmp_path / "o.onnx", "--report", tmp_path / "o.onnx"],
+        "report-is-folder": ["--report", locked],
+    }[case]
+    err = _refused_before_any_work(model_file, tmp_path, monkeypatch, capsys, *flags)
+    said = {"no-folder": "does not exist", "read-only-folder": "not writable", "same-file": "name the same file",
+            "report-is-folder": "is a folder"}[case]
+    assert said in err
+
+
+def test_a_folder_given_as_the_model_says_so(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    err = _refused_before_any_work(folder, tmp_path, monkeypatch, capsys)
+    assert err == f"xrlflow: error: {folder} is a folder, not an ONNX file"
+    onnx.save(attention_like_model(), folder / "model.onnx")
+    err = _refused_before_any_work(folder, tmp_path, monkeypatch, capsys)
+    assert err.endswith("is a folder, not an ONNX file (it holds model.onnx: give one of those)")

@@ -39,7 +39,7 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
                    "(checkpoints/RUN) or its policy.zip, or a shipped policy's name; --policy alone (after MODEL) is "
                    "the shipped xrlflow-h200. Without --policy or --search: the greedy search")
     p.add_argument("--report", help="write a JSON report here")
-    p.add_argument("--plot", help="write a latency-per-step chart here (PNG)")
+    p.add_argument("--plot", help="write a latency-per-step chart here, in the format its extension names (.png, .svg, .pdf, ...)")
     p.add_argument("--external-data", action="store_true", help="write the weights to OUT.onnx.data")
 
 
@@ -62,12 +62,28 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+def check_model_path(model: str | os.PathLike[str]) -> None:
+    """The input is an existing file (a folder is named as one, with the ONNX files it holds)."""
+    path = Path(model)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.onnx"))[:3]
+        hint = f" (it holds {', '.join(inside)}: give one of those)" if inside else ""
+        raise BadInputError(f"{model} is a folder, not an ONNX file{hint}")
+    if not path.exists():
+        raise BadInputError(f"{model}: no such file")
+
+
 def check_output_paths(args: argparse.Namespace) -> None:
-    """Refuse, before any work, outputs that would overwrite the input or cannot be files."""
+    """Refuse, before any work, outputs that would overwrite the input or each other, or cannot be written:
+    the folder must exist and be writable, and the chart's extension be one matplotlib writes."""
+    from xrlflow.report import plot_format
+
     model = Path(args.model)
-    for flag, target in (("-o", args.output), ("--report", args.report), ("--plot", args.plot)):
-        if target is None:
-            continue
+    targets = [(flag, t) for flag, t in (("-o", args.output), ("--report", args.report), ("--plot", args.plot)) if t]
+    for i, (flag, target) in enumerate(targets):
+        for other_flag, other in targets[:i]:
+            if _same_file(target, other):
+                raise BadInputError(f"{other_flag} and {flag} name the same file {target}")
         if _same_file(target, model):
             raise BadInputError(f"{flag} {target} is the input model; choose another path")
         if Path(target).is_dir():
@@ -79,6 +95,8 @@ def check_output_paths(args: argparse.Namespace) -> None:
             raise BadInputError(f"{flag} {target}: the folder {folder} is not writable")
     if args.external_data and _same_file(f"{args.output}.data", model):
         raise BadInputError(f"-o {args.output}: its external data file would overwrite the input")
+    if args.plot:
+        plot_format(args.plot)
 
 
 def resolve_policy_flag(args: argparse.Namespace) -> None:
@@ -110,6 +128,7 @@ def run_optimize(args: argparse.Namespace) -> int:
 
     if args.output is None:
         args.output = default_output(args.model)
+    check_model_path(args.model)
     check_output_paths(args)
     resolve_policy_flag(args)
     config = config_from_args(args)

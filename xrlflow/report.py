@@ -126,6 +126,21 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The format a chart at `path` is written in, from its extension (no extension: PNG); BadInputError for an
+    extension matplotlib cannot write, so a command can refuse it before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from xrlflow.errors import BadInputError
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise BadInputError(f"--plot {path}: matplotlib cannot write .{suffix} charts; use one of "
+                            f"{', '.join('.' + f for f in sorted(formats))}")
+    return suffix or "png"
+
+
 def plot_latency_history(
     path: str | os.PathLike[str],
     series: Mapping[str, Sequence[tuple[int, float]]],
@@ -152,7 +167,7 @@ def plot_latency_history(
     ax.legend(fontsize=8)
     fig.tight_layout()
     with replacing(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        fig.savefig(tmp, format=plot_format(path), dpi=120)
     plt.close(fig)
 
 
@@ -184,7 +199,7 @@ def plot_speedup_bars(
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with replacing(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        fig.savefig(tmp, format=plot_format(path), dpi=120)
     plt.close(fig)
 
 
