@@ -355,3 +355,40 @@ def test_a_folder_given_as_the_model_says_so(tmp_path, monkeypatch, capsys):
     onnx.save(attention_like_model(), folder / "model.onnx")
     err = _refused_before_any_work(folder, tmp_path, monkeypatch, capsys)
     assert err.endswith("is a folder, not an ONNX file (it holds model.onnx: give one of those)")
+
+
+# ---- the policy's target device ----------------------------------------------------------------------------------
+@pytest.fixture()
+def cuda_policy(tmp_path, installed):
+    """The tiny policy, its run.json saying it was trained for cuda."""
+    import json
+    import shutil
+
+    folder = tmp_path / "cuda-run"
+    shutil.copytree(installed, folder)
+    meta = json.loads((folder / "run.json").read_text())
+    meta["train_config"]["device"] = "cuda"
+    (folder / "run.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_policy_for_another_device_is_warned_about_before_the_search(model_file, tmp_path, cuda_policy, capsys):
+    import json
+
+    report = tmp_path / "r.json"
+    assert _optimize(model_file, "--policy", cuda_policy, "--rollouts", "0", "--steps", "2", "--report", report) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    warned = [line for line in lines if "trained for --device cuda" in line]
+    assert len(warned) == 1 and warned[0].startswith("xrlflow: warning: the policy ")
+    assert "optimises for --device cpu" in warned[0]
+    assert any("trained for --device cuda" in w for w in json.loads(report.read_text())["warnings"])
+
+
+def test_a_policy_for_the_same_device_is_not_warned_about(model_file, tmp_path, cuda_policy, installed, capsys):
+    from xrlflow.shipped import device_mismatch, policy_target_device
+
+    assert policy_target_device(installed) == "cpu" and policy_target_device(cuda_policy / "policy.zip") == "cuda"
+    assert device_mismatch(cuda_policy, "cuda") is None and device_mismatch(installed, "cpu") is None
+    assert _optimize(model_file, "--policy", installed, "--rollouts", "0", "--steps", "2") == 0
+    assert "trained for" not in capsys.readouterr().err
+    assert policy_target_device(tmp_path / "nowhere") is None

@@ -112,6 +112,14 @@ def resolve_policy_flag(args: argparse.Namespace) -> None:
         log.info(f"--policy {spec or '(alone)'}: {args.policy}")
 
 
+def _early_warnings(config) -> list[str]:
+    """Warnings known before the optimisation starts (the report records them too)."""
+    from xrlflow.shipped import device_mismatch
+
+    mismatch = device_mismatch(config.policy, config.device) if config.policy is not None else None
+    return [mismatch] if mismatch else []
+
+
 def write_result(result, output: str | os.PathLike[str], external_data: bool) -> None:
     """Write the optimised model (atomically) and record it and its size on disk in the report."""
     from xrlflow.onnx_io import save_model
@@ -134,11 +142,15 @@ def run_optimize(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     log.info(f"optimising {args.model} with the {config.method} on {config.device} (latency: {config.latency})")
     log.debug(f"{config}")
+    early = _early_warnings(config)
+    for warning in early:
+        log.warning(warning)  # now: the search may take long
     try:
         result = optimize(args.model, config)
     except VerificationError as failure:
         report = failure.report
         report["command"] = _command_line()
+        report["warnings"] = early + report["warnings"]
         if args.report:
             write_json(args.report, report)
         print(format_summary(report), file=sys.stderr)
@@ -146,6 +158,7 @@ def run_optimize(args: argparse.Namespace) -> int:
         return EXIT_NOT_VERIFIED
     report = result.report
     report["command"] = _command_line()
+    found, report["warnings"] = report["warnings"], early + report["warnings"]
     write_result(result, args.output, args.external_data)
     if args.report:
         write_json(args.report, report)
@@ -155,7 +168,7 @@ def run_optimize(args: argparse.Namespace) -> int:
             title=f"{Path(args.model).name}: {report['method']}",
         )
     print(format_summary(report))
-    for warning in report["warnings"]:
+    for warning in found:
         log.warning(warning)
     print(f"wrote {args.output}" + (f", report {args.report}" if args.report else "") + (f", chart {args.plot}" if args.plot else ""))
     return EXIT_OK
