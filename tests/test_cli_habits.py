@@ -392,3 +392,21 @@ def test_a_policy_for_the_same_device_is_not_warned_about(model_file, tmp_path, 
     assert _optimize(model_file, "--policy", installed, "--rollouts", "0", "--steps", "2") == 0
     assert "trained for" not in capsys.readouterr().err
     assert policy_target_device(tmp_path / "nowhere") is None
+
+
+# ---- the printed table ---------------------------------------------------------------------------------------------
+def test_a_cost_model_estimate_is_printed_without_an_interval(model_file, tmp_path, capsys):
+    assert _optimize(model_file, "-o", tmp_path / "o.onnx") == 0
+    rows = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  latency")]
+    assert [row.startswith(label) for row, label in zip(rows, ("latency before (cost-model estimate) ",
+                                                                 "latency after  (cost-model estimate) "))] == [True, True]
+    assert all("[" not in row and row.endswith(" ms") for row in rows)
+
+
+def test_a_measured_latency_keeps_its_interval():
+    from xrlflow.report import format_latency
+
+    measured = {"ms": 1.5, "low_ms": 1.4, "high_ms": 1.6, "runs": 30, "source": "measured", "ok": True}
+    assert format_latency(measured) == "1.5 ms [1.4, 1.6]"
+    assert format_latency({**measured, "source": "cost-model", "low_ms": 1.5, "high_ms": 1.5}) == "1.5 ms"
+    assert format_latency({**measured, "low_ms": 1.5, "high_ms": 1.5}) == "1.5 ms"

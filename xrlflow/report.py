@@ -31,11 +31,23 @@ def _fmt_ms(value: float | None) -> str:
     return f"{value:.4g}" if value < 1000 else f"{value:.0f}"
 
 
+def is_estimate(entry: Mapping[str, Any] | None) -> bool:
+    """A deterministic latency (the cost model's): one number, no interval to show."""
+    return bool(entry) and entry.get("source") == "cost-model"
+
+
 def format_latency(entry: Mapping[str, Any] | None) -> str:
-    """'1.234 ms [1.200, 1.260]' from a latency dict (ms, low_ms, high_ms)."""
+    """'1.234 ms [1.200, 1.260]' from a latency dict (ms, low_ms, high_ms); an estimate, or an interval of width
+    0, is the number alone ('0.159 ms')."""
     if not entry or not entry.get("ok", True):
         return "failed" + (f" ({entry.get('reason')})" if entry and entry.get("reason") else "")
+    if is_estimate(entry) or entry["low_ms"] == entry["high_ms"]:
+        return f"{_fmt_ms(entry['ms'])} ms"
     return f"{_fmt_ms(entry['ms'])} ms [{_fmt_ms(entry['low_ms'])}, {_fmt_ms(entry['high_ms'])}]"
+
+
+def _latency_label(lat: Mapping[str, Any]) -> str:
+    return "cost-model estimate" if is_estimate(lat["before"]) and is_estimate(lat["after"]) else "median, 95% CI"
 
 
 def _rows_to_text(rows: Sequence[tuple[str, str]]) -> list[str]:
@@ -50,6 +62,8 @@ def _format_speedup(lat: Mapping[str, Any]) -> str:
     text = f"{speedup:.3f}x"
     if lat.get("speedup_low") is not None:
         text += f" [{lat['speedup_low']:.3f}, {lat['speedup_high']:.3f}]"
+    elif is_estimate(lat["before"]) and is_estimate(lat["after"]):
+        return text + " (ratio of the two estimates)"
     return text + f" ({lat.get('speedup_method', '')})"
 
 
@@ -58,8 +72,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
     lat = report["latency"]
     lines = [f"xrlflow optimize: {report['input']} ({report['method']}, latency: {report['latency_service']})"]
     rows = [
-        ("latency before (median, 95% CI)", format_latency(lat["before"])),
-        ("latency after  (median, 95% CI)", format_latency(lat["after"])),
+        (f"latency before ({_latency_label(lat)})", format_latency(lat["before"])),
+        (f"latency after  ({_latency_label(lat)})", format_latency(lat["after"])),
         ("speedup", _format_speedup(lat)),
         ("rewrites applied", str(len(report["rewrites"]))),
     ]
