@@ -410,3 +410,63 @@ def test_a_measured_latency_keeps_its_interval():
     assert format_latency(measured) == "1.5 ms [1.4, 1.6]"
     assert format_latency({**measured, "source": "cost-model", "low_ms": 1.5, "high_ms": 1.5}) == "1.5 ms"
     assert format_latency({**measured, "low_ms": 1.5, "high_ms": 1.5}) == "1.5 ms"
+
+
+# ---- the chart -----------------------------------------------------------------------------------------------------
+def _drawn_lines(fig) -> dict[str, list[tuple[float, float]]]:
+    ax = fig.axes[0]
+    return {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_the_chart_draws_one_line_per_rollout(model_file):
+    import xrlflow
+    from xrlflow.report import latency_chart, latency_figure
+
+    report = xrlflow.optimize(str(model_file), search="random", rollouts=5, steps=3, latency="cost").report
+    assert {r["rollout"] for r in report["history"]} == set(range(5))
+    chart = latency_chart(report)
+    assert list(chart.series) == [f"rollout {r}" for r in range(5)]
+    start = report["latency"]["before"]["ms"]
+    for rollout, points in enumerate(chart.series.values()):
+        steps = [s for s, _ in points]
+        assert points[0] == (0, start) and steps == list(range(len(points)))  # from the input, never a sawtooth
+        assert [v for _, v in points[1:]] == [r["current_ms"] for r in report["history"] if r["rollout"] == rollout]
+    lines = _drawn_lines(latency_figure(chart))
+    assert [label for label in lines if label.startswith("rollout")] == list(chart.series)
+    assert lines["graph kept"][0][1] == pytest.approx(min(r["best_ms"] for r in report["history"]))
+
+
+def test_a_policy_chart_names_its_deterministic_rollout():
+    from xrlflow.report import latency_chart
+
+    history = [{"step": i + 1, "current_ms": 2.0 - 0.1 * i, "best_ms": 2.0 - 0.1 * i, "candidates": 3, "rollout": r}
+               for r in range(3) for i in range(2)]
+    report = {"history": history, "latency": {"before": {"ms": 2.1}}, "rewrites": [{}], "method": "policy p"}
+    assert list(latency_chart(report).series) == ["rollout 0 (deterministic)", "rollout 1 (sampled)", "rollout 2 (sampled)"]
+
+
+def test_many_rollouts_share_one_legend_entry():
+    from xrlflow.report import latency_chart, latency_figure
+
+    history = [{"step": r + 1, "current_ms": 1.0, "best_ms": 1.0, "candidates": 1, "rollout": r} for r in range(30)]
+    report = {"history": history, "latency": {"before": {"ms": 2.0}}, "rewrites": [{}], "method": "random search"}
+    legend = latency_figure(latency_chart(report)).axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["rollouts (30)", "input model", "graph kept"]
+
+
+def test_a_run_without_rewrites_draws_a_flat_line_and_says_so(unrunnable_model, tmp_path):
+    import json
+
+    from xrlflow.report import latency_chart, latency_figure
+
+    report_path, plot = tmp_path / "r.json", tmp_path / "p.svg"
+    assert _optimize(unrunnable_model, "-o", tmp_path / "o.onnx", "--report", report_path, "--plot", plot, "-q") == 0
+    report = json.loads(report_path.read_text())
+    assert report["rewrites"] == [] and report["history"] == []
+    fig = latency_figure(latency_chart(report))
+    (label, points), = _drawn_lines(fig).items()
+    start = report["latency"]["before"]["ms"]
+    assert label == "input model" and len(points) >= 2 and {v for _, v in points} == {start}
+    assert points[0][0] < points[-1][0]  # a line, not a lone dot
+    assert "no rewrite kept" in " ".join(t.get_text() for t in fig.axes[0].texts)
+    assert plot.read_text().lstrip().startswith("<?xml") and "no rewrite kept" in plot.read_text()

@@ -132,7 +132,7 @@ def write_result(result, output: str | os.PathLike[str], external_data: bool) ->
 
 def run_optimize(args: argparse.Namespace) -> int:
     from xrlflow.optimizer import VerificationError, optimize
-    from xrlflow.report import format_summary, plot_latency_history, plot_series, write_json
+    from xrlflow.report import format_summary, latency_chart, plot_latency_history, write_json
 
     if args.output is None:
         args.output = default_output(args.model)
@@ -163,10 +163,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     if args.report:
         write_json(args.report, report)
     if args.plot:
-        plot_latency_history(
-            args.plot, plot_series(report), baseline_ms=report["latency"]["before"]["ms"],
-            title=f"{Path(args.model).name}: {report['method']}",
-        )
+        plot_latency_history(args.plot, latency_chart(report), title=f"{Path(args.model).name}: {report['method']}")
     print(format_summary(report))
     for warning in found:
         log.warning(warning)

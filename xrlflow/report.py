@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from xrlflow.atomic import replacing, write_bytes
@@ -155,34 +155,47 @@ def plot_format(path: str | os.PathLike[str]) -> str:
     return suffix or "png"
 
 
-def plot_latency_history(
-    path: str | os.PathLike[str],
-    series: Mapping[str, Sequence[tuple[int, float]]],
-    baseline_ms: float | None = None,
-    title: str = "latency per step",
-) -> None:
-    """Latency (ms) against step, one line per series; a dashed line marks the input model's latency."""
+def latency_figure(chart: "LatencyChart", title: str = "latency per step") -> Any:
+    """The chart as a matplotlib Figure (Agg): latency (ms) against step, one line per series; a dashed line
+    marks the input model's latency, a dotted one the graph kept; the note is written on the chart."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, points in series.items():
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    many = len(chart.series) > _MAX_LEGEND_LINES  # one legend entry for all of them, one colour
+    for i, (label, points) in enumerate(chart.series.items()):
         finite = [(s, v) for s, v in points if math.isfinite(v)]
-        if finite:
-            ax.plot([s for s, _ in finite], [v for _, v in finite], marker="." if len(finite) < 60 else None, label=label)
-    if baseline_ms is not None and math.isfinite(baseline_ms):
-        ax.axhline(baseline_ms, color="gray", linestyle="--", linewidth=1, label="input model")
-    ax.set_xlabel("step")
+        if not finite:
+            continue
+        style: dict[str, Any] = {"marker": "." if len(finite) < 60 else None, "label": label}
+        if many:
+            style.update(color="tab:blue", alpha=0.5, label=f"rollouts ({len(chart.series)})" if i == 0 else None)
+        ax.plot([s for s, _ in finite], [v for _, v in finite], **style)
+    if chart.baseline_ms is not None and math.isfinite(chart.baseline_ms):
+        ax.axhline(chart.baseline_ms, color="gray", linestyle="--", linewidth=1, label="input model")
+    if chart.best_ms is not None and math.isfinite(chart.best_ms):
+        ax.axhline(chart.best_ms, color="black", linestyle=":", linewidth=1, label="graph kept")
+    if chart.note:
+        ax.text(0.5, 0.5, chart.note, transform=ax.transAxes, ha="center", va="bottom", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
+    ax.set_xlabel(chart.xlabel)
     ax.set_ylabel("latency (ms)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_latency_history(path: str | os.PathLike[str], chart: "LatencyChart", title: str = "latency per step") -> None:
+    """Write `latency_figure(chart, title)` to `path` (its format from the extension), atomically."""
+    fig = latency_figure(chart, title)
     with replacing(path) as tmp:
         fig.savefig(tmp, format=plot_format(path), dpi=120)
-    plt.close(fig)
 
 
 def plot_speedup_bars(
@@ -224,7 +237,8 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 __all__ = [
-    "format_summary", "format_latency", "write_json", "write_text", "plot_latency_history", "plot_speedup_bars",
+    "format_summary", "format_latency", "write_json", "write_text", "plot_latency_history", "latency_figure",
+    "latency_chart", "LatencyChart", "plot_speedup_bars",
     "markdown_table",
 ]
 
@@ -364,12 +378,44 @@ def build_report(**parts: Any) -> dict[str, Any]:
     }
 
 
-def plot_series(report: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
-    """The chart's lines: the best latency so far, and the current graph's when it differs (random, policy)."""
+_MAX_LEGEND_LINES = 10
+
+
+@dataclass(frozen=True)
+class LatencyChart:
+    """What `--plot` draws: lines of (step, ms) by label, the x axis' meaning, the input's latency, the latency
+    of the graph kept (when the lines are rollouts), and a note (when nothing was rewritten)."""
+
+    series: Mapping[str, Sequence[tuple[int, float]]]
+    xlabel: str = "step"
+    baseline_ms: float | None = None
+    best_ms: float | None = None
+    note: str = ""
+
+
+def latency_chart(report: Mapping[str, Any]) -> LatencyChart:
+    """The chart of a run: one line per rollout (random, policy: each from the input at step 0, against the step
+    within its rollout); for one path (greedy, backtrack) the best latency so far and the current graph's when
+    it differs; with no step at all a flat line at the input's latency, and a note."""
     history = report["history"]
-    series: dict[str, list[tuple[int, float]]] = {}
     start = report["latency"]["before"]["ms"]
-    series["best so far"] = [(0, start)] + [(r["step"], r["best_ms"]) for r in history]
+    note = "" if report["rewrites"] else "no rewrite kept: the output is the input's graph"
+    if not history:
+        return LatencyChart({"input model": [(0, start), (1, start)]}, note=note or "no step taken")
+    rollouts: dict[int, list[Mapping[str, Any]]] = {}
+    for record in history:
+        rollouts.setdefault(record["rollout"], []).append(record)
+    if len(rollouts) > 1:
+        policy = str(report.get("method", "")).startswith("policy")
+
+        def label(rollout: int) -> str:
+            return f"rollout {rollout}" + ((" (deterministic)" if rollout == 0 else " (sampled)") if policy else "")
+
+        series = {label(r): [(0, start)] + [(i, rec["current_ms"]) for i, rec in enumerate(records, start=1)]
+                  for r, records in rollouts.items()}
+        best = min(rec["best_ms"] for rec in history)
+        return LatencyChart(series, "step within the rollout", start, best, note)
+    series = {"best so far": [(0, start)] + [(r["step"], r["best_ms"]) for r in history]}
     if any(r["current_ms"] != r["best_ms"] for r in history):
         series["current graph"] = [(0, start)] + [(r["step"], r["current_ms"]) for r in history]
-    return series
+    return LatencyChart(series, "step", start, None, note)
