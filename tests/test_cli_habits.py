@@ -357,6 +357,19 @@ def test_a_folder_given_as_the_model_says_so(tmp_path, monkeypatch, capsys):
     assert err.endswith("is a folder, not an ONNX file (it holds model.onnx: give one of those)")
 
 
+@pytest.mark.parametrize("command", [["measure", "{folder}", "--no-cache"], ["rules", "--model", "{folder}"]])
+def test_other_commands_and_the_api_name_a_folder_too(tmp_path, command, capsys):
+    import xrlflow
+    from xrlflow.errors import BadInputError
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    assert main([a.format(folder=folder) for a in command]) == 2
+    assert capsys.readouterr().err.strip() == f"xrlflow: error: {folder} is a folder, not an ONNX file"
+    with pytest.raises(BadInputError, match="is a folder, not an ONNX file"):
+        xrlflow.optimize(str(folder))
+
+
 # ---- the policy's target device ----------------------------------------------------------------------------------
 @pytest.fixture()
 def cuda_policy(tmp_path, installed):

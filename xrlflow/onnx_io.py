@@ -92,11 +92,21 @@ def parse_input_shapes(specs: list[str] | Mapping[str, Any] | None) -> dict[str,
     return shapes
 
 
+def check_model_file(path: str | os.PathLike[str]) -> None:
+    """BadInputError unless `path` is an existing file; a folder is named as one, with the ONNX files it holds."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.onnx"))[:3]
+        hint = f" (it holds {', '.join(inside)}: give one of those)" if inside else ""
+        raise BadInputError(f"{path} is a folder, not an ONNX file{hint}")
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
+
+
 def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read an ONNX file (external data included) or raise BadInputError with a one-line reason."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such file")
+    check_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends

@@ -62,17 +62,6 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def check_model_path(model: str | os.PathLike[str]) -> None:
-    """The input is an existing file (a folder is named as one, with the ONNX files it holds)."""
-    path = Path(model)
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.onnx"))[:3]
-        hint = f" (it holds {', '.join(inside)}: give one of those)" if inside else ""
-        raise BadInputError(f"{model} is a folder, not an ONNX file{hint}")
-    if not path.exists():
-        raise BadInputError(f"{model}: no such file")
-
-
 def check_output_paths(args: argparse.Namespace) -> None:
     """Refuse, before any work, outputs that would overwrite the input or each other, or cannot be written:
     the folder must exist and be writable, and the chart's extension be one matplotlib writes."""
@@ -131,12 +120,13 @@ def write_result(result, output: str | os.PathLike[str], external_data: bool) ->
 
 
 def run_optimize(args: argparse.Namespace) -> int:
+    from xrlflow.onnx_io import check_model_file
     from xrlflow.optimizer import VerificationError, optimize
     from xrlflow.report import format_summary, latency_chart, plot_latency_history, write_json
 
     if args.output is None:
         args.output = default_output(args.model)
-    check_model_path(args.model)
+    check_model_file(args.model)
     check_output_paths(args)
     resolve_policy_flag(args)
     config = config_from_args(args)
