@@ -52,8 +52,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         importlib.import_module(module_name).add_cli(sub)
     for name in TORCH_COMMANDS:
         _add_torch_command(sub, name, command)
-    for subparser in {id(p): p for p in sub.choices.values()}.values():  # `cache` and its alias share one
-        if not _has_option(subparser, "-v"):
+    for subparser in sub.choices.values():
+        if not _has_option(subparser, "-v"):  # an alias lists its parser twice
             add_verbosity_flags(subparser, top_level=False)
     return parser
 
