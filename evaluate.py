@@ -1,6 +1,6 @@
 """Optimise an ONNX model with a trained policy (or a search baseline): the same as `xrlflow optimize`.
 
-    python evaluate.py MODEL.onnx -o OUT.onnx --policy checkpoints/RUN [--rollouts K] [--report R.json] ...
+    python evaluate.py MODEL.onnx [-o OUT.onnx] --policy [checkpoints/RUN] [--rollouts K] [--report R.json] ...
 """
 
 import sys

@@ -66,16 +66,36 @@ def test_calibration_recomputed_from_recorded_measurements_matches_the_run(tmp_p
     assert done.returncode != 0 and "does not hold these graphs" in done.stderr
 
 
-def test_the_bundled_h200_table_ranks_the_recorded_h200_measurements_as_reported():
-    # Guards bench/results/costmodel_calibration_cuda.md: the 210 graphs are regenerated (same seed) from the
-    # full-size zoo models, priced by the bundled table, and ranked against the measurements recorded on the
-    # H200. A change to the kernel grouping that loses table keys, or a table change, shows here first.
+# the rules (registry order) the recorded calibration's random sequences drew from; later rules change the draws
+CALIBRATION_RULES = (
+    "merge-parallel-matmul", "split-merged-matmul", "merge-parallel-conv", "split-merged-conv", "enlarge-conv-kernel",
+    "shrink-conv-kernel", "fuse-conv-sum", "split-conv-sum", "batch-shared-weight-conv", "unbatch-shared-weight-conv",
+    "fold-batchnorm-into-conv", "hoist-unary-above-split", "sink-unary-below-split", "hoist-unary-over-concat",
+    "sink-unary-into-concat", "hoist-const-binary-above-split", "sink-const-binary-below-split",
+    "hoist-const-binary-over-concat", "sink-const-binary-into-concat", "cancel-split-concat", "cancel-concat-split",
+    "cancel-slice-concat", "batch-shared-weight-matmul", "unbatch-shared-weight-matmul", "reassociate-matmul",
+    "split-matmul-chain", "factor-matmul-add", "expand-matmul-add", "factor-mul-add", "expand-mul-add",
+    "transpose-matmul", "untranspose-matmul", "move-transpose-before-unary", "move-transpose-after-unary",
+    "fold-const-chain", "unfold-const-chain", "fold-scale-into-matmul", "unfold-scale-from-matmul", "reassociate-add",
+    "reassociate-add-left",
+)
+
+
+def test_the_bundled_h200_table_ranks_the_recorded_h200_measurements_as_reported(monkeypatch):
+    # Guards bench/results/costmodel_calibration_cuda.md: the 210 graphs are regenerated (same seed, same rules)
+    # from the full-size zoo models, priced by the bundled table, and ranked against the measurements recorded
+    # on the H200. A change to the kernel grouping that loses table keys, or a table change, shows here first.
     import random
 
     import numpy as np
 
+    import xrlflow.testing
     from xrlflow.costmodel import spearman
+    from xrlflow.engine import RewriteEngine
+    from xrlflow.rules import select_rules
     from xrlflow.testing import load_model, random_sequences
+
+    monkeypatch.setattr(xrlflow.testing, "default_engine", lambda: RewriteEngine(select_rules(CALIBRATION_RULES)))
 
     rows = json.loads((ROOT / "bench/results/calibration_cuda.json").read_text())
     rng = random.Random(0)
@@ -92,3 +112,93 @@ def test_the_bundled_h200_table_ranks_the_recorded_h200_measurements_as_reported
     # reported (fitted on all): 0.979 pooled; 0.880 / 0.717 / 0.842 within
     assert spearman(estimate, measured) > 0.97
     assert within["bert-base"] > 0.87 and within["inception-v3"] > 0.70 and within["squeezenet"] > 0.83, within
+
+
+def _new_rules_registered() -> bool:
+    from xrlflow.rules import rule_names
+
+    return {"fuse-multihead-attention", "fuse-packed-qkv-attention", "absorb-transpose-into-gemm"} <= set(rule_names())
+
+
+def test_table_fill_rewrites_exports_a_kernel_of_each_new_kind_and_measures_them(tmp_path):
+    import onnx
+    import pytest
+
+    if not _new_rules_registered():
+        pytest.skip("the attention-fusion and transpose-algebra rules are not registered on this branch")
+    table, folder = tmp_path / "table.json", tmp_path / "kernels"
+    OpTable("cpu", "CPUExecutionProvider/t1", "0", 0.01, {}).save(table)
+    out = bench("-m", "bench.table_fill", "export", "--table", str(table), "--folder", str(folder), "--rewrites", "--small",
+                "--rewrite-models", "bert-base", "gpt2", "--batches", "1", "--seq", "32")
+    assert "head-major steps" in out
+    manifest = json.loads((folder / "manifest.json").read_text())
+    kinds = {"+".join(item["ops"]) for item in manifest}
+    assert {"MultiHeadAttention", "Attention"} <= kinds  # the two attention fusions
+    assert "Transpose+MatMul" in kinds or "MatMul+Transpose" in kinds  # FusedMatMul transA/transB
+    assert any("Transpose" in k and "Gemm" in k for k in kinds)  # a Transpose absorbed into Gemm's flags
+    assert any(item["ops"] == ["Gemm"] and "transA=1" in item["key"] for item in manifest)  # Gemm(ctx^T, Wo, transA=1)
+    stripped = 0
+    for item in manifest:
+        model = onnx.load(folder / item["file"])
+        assert model.ir_version <= 10
+        stripped += any(t.doc_string for t in model.graph.initializer)
+    assert stripped > 0
+    # the new kinds and the stripped ones measure on onnxruntime (weights refilled at random)
+    chosen = [item for item in manifest
+              if item["ops"] in (["MultiHeadAttention"], ["Attention"]) or "Transpose" in item["ops"]][:8]
+    chosen += [item for item in manifest if any(t.doc_string for t in onnx.load(folder / item["file"]).graph.initializer)][:2]
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for item in chosen:
+        (subset / item["file"]).write_bytes((folder / item["file"]).read_bytes())
+    (subset / "manifest.json").write_text(json.dumps(chosen))
+    filled = tmp_path / "filled.json"
+    bench("bench/table_fill.py", "measure", "--folder", str(subset), "--device", "cpu", "--max-seconds", "0.1", "--out", str(filled))
+    result = json.loads(filled.read_text())
+    assert not result["failures"] and set(result["entries"]) == {item["key"] for item in chosen}
+    # --check lists what the table lacks and fails
+    done = subprocess.run([sys.executable, "-m", "bench.table_fill", "export", "--table", str(table), "--folder", str(folder),
+                           "--rewrites", "--small", "--rewrite-models", "bert-base", "--batches", "1", "--seq", "32", "--check"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "kernels missing" in done.stdout
+
+
+def test_chain_variants_prepare_time_and_report_on_the_cpu(tmp_path):
+    import onnx
+    import pytest
+
+    if not _new_rules_registered():
+        pytest.skip("the attention-fusion and transpose-algebra rules are not registered on this branch")
+    folder = tmp_path / "chain"
+    bench("-m", "bench.chain_variants", "prepare", "--dir", str(folder), "--models", "bert-base", "--small", "--seq", "32")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rows = manifest["models"]["bert-base"]
+    chain = [label for label in rows if label.startswith("head-major-")]
+    assert len(chain) >= 5 and "merged+fuse-packed-qkv-attention" in rows
+    assert all(row["status"] in ("original", "verified") for row in rows.values())
+    assert all(row["predicted_ms"] > 0 for row in rows.values())
+    # the chain's end launches fewer kernels than its start; the fused attention fewer still
+    assert rows[chain[-1]]["kernels"] < rows["merged"]["kernels"]
+    assert rows["merged+fuse-packed-qkv-attention"]["kernels"] < rows[chain[-1]]["kernels"]
+    from bench.pipeline_speedup import STRIP_MARK
+
+    assert any(t.doc_string == STRIP_MARK for t in onnx.load(folder / rows["canonical"]["file"]).graph.initializer)
+    # re-pricing (after a table merge) keeps the files; under the same table it gives the same prices
+    before = (folder / rows["merged"]["file"]).read_bytes()
+    bench("-m", "bench.chain_variants", "prepare", "--dir", str(folder), "--models", "bert-base", "--predict-only")
+    repriced = json.loads((folder / "manifest.json").read_text())["models"]["bert-base"]
+    assert set(repriced) == set(rows) and (folder / rows["merged"]["file"]).read_bytes() == before
+    assert all(abs(repriced[x]["predicted_ms"] - rows[x]["predicted_ms"]) < 1e-12 for x in rows)
+    timing = tmp_path / "timing.json"
+    bench("bench/chain_variants.py", "time", "--dir", str(folder), "--json", str(timing), "--device", "cpu",
+          "--cycles", "2", "--runs", "2", "--work", str(tmp_path / "work"))
+    timed = json.loads(timing.read_text())["models"]["bert-base"]
+    assert set(timed) == set(rows) - {"canonical"} and all("speedup" in t for t in timed.values())
+    report = tmp_path / "report.md"
+    out = bench("-m", "bench.chain_variants", "report", "--dir", str(folder), "--json", str(timing), "-o", str(report))
+    assert "## bert-base: Spearman" in out and "bert-base: first step predicted" in out
+    assert "## bert-base: Spearman" in report.read_text()
+    # bad input: one line, non-zero exit
+    done = subprocess.run([sys.executable, "-m", "bench.chain_variants", "report", "--dir", str(tmp_path / "none"),
+                           "--json", str(timing)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

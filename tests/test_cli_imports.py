@@ -14,7 +14,10 @@ from tests.test_search import attention_like_model
 _RUN = textwrap.dedent("""
     import sys
     from xrlflow.cli import main
-    rc = main(sys.argv[1:])
+    try:
+        rc = main(sys.argv[1:])
+    except SystemExit as done:  # --help, --version
+        rc = done.code
     print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH")
     sys.exit(rc)
 """)
@@ -43,6 +46,16 @@ def test_commands_without_torch_never_import_it(command, model_file, tmp_path, m
     monkeypatch.setenv("XRLFLOW_CACHE_DIR", str(tmp_path / "cache"))
     args = [a.format(model=model_file, out=tmp_path / "out.onnx") for a in command]
     done = _run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "NO_TORCH", f"xrlflow {' '.join(command)} imported torch"
+
+
+@pytest.mark.parametrize("command", [
+    ["--help"], ["--version"], ["optimize", "--help"], ["rules", "--help"], ["measure", "--help"], ["zoo", "--help"],
+])
+def test_help_never_imports_torch(command):
+    """`--help` stays fast: torch (about 2 s to import) is loaded only by the command that runs a policy."""
+    done = _run_cli(*command)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "NO_TORCH", f"xrlflow {' '.join(command)} imported torch"
 

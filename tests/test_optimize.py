@@ -1,5 +1,5 @@
 """`xrlflow optimize` end to end with the cost model: a verified model and a report, refusals of bad input
-(exit 2, nothing written, input untouched), and a deliberately broken rule caught by verification (exit 1,
+(exit 2, nothing written, input untouched), and a deliberately broken rule caught by verification (exit 3,
 nothing written, the report names the rewrite)."""
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def test_a_broken_rewrite_is_caught_and_named(model_file, tmp_path, monkeypatch,
     monkeypatch.setattr(family, "concat", concat_weights_in_the_wrong_order)
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     rc = _optimize(model_file, "-o", out, "--search", "greedy", "--rules", MERGE_RULES, "--report", report_path)
-    assert rc == 1
+    assert rc == 3
     assert not out.exists()
     report = json.loads(report_path.read_text())
     assert not report["written"] and not report["verification"]["ok"]

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 def optimize(model_or_path: "str | Any | onnx.ModelProto", *, output: str | None = None, external_data: bool = False,
              **options: Any) -> "OptimizeResult":
     """Optimise an ONNX model (a path or a ModelProto). The keyword options are `xrlflow optimize`'s flags with
-    `_` for `-` (search, policy, device, latency, rollouts, steps, budget, alpha, seed, input_shape={name: dims},
+    `_` for `-` (search, the default "greedy"; policy, a checkpoint path or a shipped name, "" the shipped
+    default, as `--policy` alone; device, latency, rollouts, steps, budget, alpha, seed, input_shape={name: dims},
     rules=[...], disable_rules=[...], inputs, rtol, atol, tolerance={output: (rtol, atol)}, no_shape_check).
 
     Returns an `OptimizeResult` with `.model` (the verified optimised ModelProto) and `.report` (the JSON report
@@ -34,6 +35,10 @@ def optimize(model_or_path: "str | Any | onnx.ModelProto", *, output: str | None
     unknown = sorted(set(options) - option_names(OptimizeConfig))
     if unknown:
         raise BadInputError(f"unknown option(s) {', '.join(unknown)}; xrlflow.optimize takes {', '.join(sorted(option_names(OptimizeConfig)))}")
+    if options.get("policy") is not None:  # a checkpoint path, a shipped name, or "" for the shipped default
+        from xrlflow.shipped import resolve_policy
+
+        options["policy"] = str(resolve_policy(options["policy"]))
     result = run(model_or_path, config_from(OptimizeConfig, {"no_progress": True, **options}))
     if output is not None:
         write_result(result, output, external_data)

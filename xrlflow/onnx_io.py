@@ -33,28 +33,80 @@ _EXTERNAL_ALIGN = 1 << 16  # large tensors start at 64 KiB offsets so onnxruntim
 _MAX_DIM = 1 << 31
 
 
-def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
-    """Parse `name=1x128` flags into {name: (1, 128)}."""
+_SHAPE_EXAMPLE = "input_ids=1x128 (or the onnxsim/onnxslim spelling input_ids:1,128)"
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    """'1x128' or '1,128' -> (1, 128); ValueError for anything else (a dim that is not a positive integer)."""
+    text = text.strip().lower()
+    if not text:
+        return ()
+    shape = tuple(int(d) for d in re.split(r"[x,]", text))
+    if any(d <= 0 for d in shape):
+        raise ValueError
+    return shape
+
+
+def _api_dims(name: Any, dims: Any) -> tuple[int, ...]:
+    """A mapping entry from the Python API: dims as '1x3x32x32' / '1,3,32,32' or a sequence of positive ints."""
+    if not isinstance(name, str) or not name:
+        raise BadInputError(f"input_shape: the key {name!r} is not an input name")
+    try:
+        if isinstance(dims, str):
+            return _dims(dims)
+        if isinstance(dims, (bool, bytes)) or not hasattr(dims, "__iter__"):
+            raise TypeError
+        shape = tuple(_positive_dim(d) for d in dims)
+    except (TypeError, ValueError):
+        raise BadInputError(f"input_shape[{name!r}] = {dims!r}: expected positive integer dims such as (1, 3, 32, 32) "
+                            f"or '1x3x32x32'") from None
+    return shape
+
+
+def _positive_dim(value: Any) -> int:
+    import operator
+
+    if isinstance(value, bool):
+        raise TypeError
+    dim = operator.index(value)  # int or a numpy integer; 1.0 or '1' are refused
+    if dim <= 0:
+        raise ValueError
+    return dim
+
+
+def parse_input_shapes(specs: list[str] | Mapping[str, Any] | None) -> dict[str, tuple[int, ...]]:
+    """`--input-shape` flags `name=1x128` or `name:1,128` (onnxsim's spelling; its last colon separates, so a name
+    like `input:0` works) into {name: (1, 128)}; or the Python API's mapping name -> '1x128' / (1, 128)."""
+    if isinstance(specs, Mapping):
+        return {name: _api_dims(name, dims) for name, dims in specs.items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for spec in specs or []:
-        name, sep, dims = spec.partition("=")
+        name, sep, dims = spec.partition("=") if "=" in spec else spec.rpartition(":")
         try:
             if not sep or not name:
                 raise ValueError
-            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
-            if any(d <= 0 for d in shape):
-                raise ValueError
+            shape = _dims(dims)
         except ValueError:
-            raise BadInputError(f"bad --input-shape {spec!r}: expected NAME=DIMSxDIMS, e.g. input_ids=1x128") from None
+            raise BadInputError(f"bad --input-shape {spec!r}: expected NAME=DIMS, e.g. {_SHAPE_EXAMPLE}") from None
         shapes[name] = shape
     return shapes
+
+
+def check_model_file(path: str | os.PathLike[str]) -> None:
+    """BadInputError unless `path` is an existing file; a folder is named as one, with the ONNX files it holds."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.onnx"))[:3]
+        hint = f" (it holds {', '.join(inside)}: give one of those)" if inside else ""
+        raise BadInputError(f"{path} is a folder, not an ONNX file{hint}")
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
 
 
 def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read an ONNX file (external data included) or raise BadInputError with a one-line reason."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such file")
+    check_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends

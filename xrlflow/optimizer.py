@@ -56,9 +56,8 @@ def _rule_list(value: str | Any | None) -> tuple[str, ...] | None:
 
 
 def _input_shapes(value: Any) -> dict[str, tuple[int, ...]]:
-    """`NAME=DIMS` flags (or a mapping from the Python API) -> bound input shapes."""
-    if isinstance(value, Mapping):
-        return {k: tuple(int(d) for d in v) for k, v in value.items()}
+    """`NAME=DIMS` / `NAME:DIMS` flags (or a mapping NAME -> "1x128" or (1, 128) from the Python API) -> bound
+    input shapes."""
     return parse_input_shapes(value)
 
 

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from xrlflow.atomic import replacing, write_bytes
@@ -31,11 +31,23 @@ def _fmt_ms(value: float | None) -> str:
     return f"{value:.4g}" if value < 1000 else f"{value:.0f}"
 
 
+def is_estimate(entry: Mapping[str, Any] | None) -> bool:
+    """A deterministic latency (the cost model's): one number, no interval to show."""
+    return bool(entry) and entry.get("source") == "cost-model"
+
+
 def format_latency(entry: Mapping[str, Any] | None) -> str:
-    """'1.234 ms [1.200, 1.260]' from a latency dict (ms, low_ms, high_ms)."""
+    """'1.234 ms [1.200, 1.260]' from a latency dict (ms, low_ms, high_ms); an estimate, or an interval of width
+    0, is the number alone ('0.159 ms')."""
     if not entry or not entry.get("ok", True):
         return "failed" + (f" ({entry.get('reason')})" if entry and entry.get("reason") else "")
+    if is_estimate(entry) or entry["low_ms"] == entry["high_ms"]:
+        return f"{_fmt_ms(entry['ms'])} ms"
     return f"{_fmt_ms(entry['ms'])} ms [{_fmt_ms(entry['low_ms'])}, {_fmt_ms(entry['high_ms'])}]"
+
+
+def _latency_label(lat: Mapping[str, Any]) -> str:
+    return "cost-model estimate" if is_estimate(lat["before"]) and is_estimate(lat["after"]) else "median, 95% CI"
 
 
 def _rows_to_text(rows: Sequence[tuple[str, str]]) -> list[str]:
@@ -50,6 +62,8 @@ def _format_speedup(lat: Mapping[str, Any]) -> str:
     text = f"{speedup:.3f}x"
     if lat.get("speedup_low") is not None:
         text += f" [{lat['speedup_low']:.3f}, {lat['speedup_high']:.3f}]"
+    elif is_estimate(lat["before"]) and is_estimate(lat["after"]):
+        return text + " (ratio of the two estimates)"
     return text + f" ({lat.get('speedup_method', '')})"
 
 
@@ -58,8 +72,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
     lat = report["latency"]
     lines = [f"xrlflow optimize: {report['input']} ({report['method']}, latency: {report['latency_service']})"]
     rows = [
-        ("latency before (median, 95% CI)", format_latency(lat["before"])),
-        ("latency after  (median, 95% CI)", format_latency(lat["after"])),
+        (f"latency before ({_latency_label(lat)})", format_latency(lat["before"])),
+        (f"latency after  ({_latency_label(lat)})", format_latency(lat["after"])),
         ("speedup", _format_speedup(lat)),
         ("rewrites applied", str(len(report["rewrites"]))),
     ]
@@ -126,34 +140,62 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def plot_latency_history(
-    path: str | os.PathLike[str],
-    series: Mapping[str, Sequence[tuple[int, float]]],
-    baseline_ms: float | None = None,
-    title: str = "latency per step",
-) -> None:
-    """Latency (ms) against step, one line per series; a dashed line marks the input model's latency."""
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The format a chart at `path` is written in, from its extension (no extension: PNG); BadInputError for an
+    extension matplotlib cannot write, so a command can refuse it before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from xrlflow.errors import BadInputError
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise BadInputError(f"--plot {path}: matplotlib cannot write .{suffix} charts; use one of "
+                            f"{', '.join('.' + f for f in sorted(formats))}")
+    return suffix or "png"
+
+
+def latency_figure(chart: "LatencyChart", title: str = "latency per step") -> Any:
+    """The chart as a matplotlib Figure (Agg): latency (ms) against step, one line per series; a dashed line
+    marks the input model's latency, a dotted one the graph kept; the note is written on the chart."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, points in series.items():
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    many = len(chart.series) > _MAX_LEGEND_LINES  # one legend entry for all of them, one colour
+    for i, (label, points) in enumerate(chart.series.items()):
         finite = [(s, v) for s, v in points if math.isfinite(v)]
-        if finite:
-            ax.plot([s for s, _ in finite], [v for _, v in finite], marker="." if len(finite) < 60 else None, label=label)
-    if baseline_ms is not None and math.isfinite(baseline_ms):
-        ax.axhline(baseline_ms, color="gray", linestyle="--", linewidth=1, label="input model")
-    ax.set_xlabel("step")
+        if not finite:
+            continue
+        style: dict[str, Any] = {"marker": "." if len(finite) < 60 else None, "label": label}
+        if many:
+            style.update(color="tab:blue", alpha=0.5, label=f"rollouts ({len(chart.series)})" if i == 0 else None)
+        ax.plot([s for s, _ in finite], [v for _, v in finite], **style)
+    if chart.baseline_ms is not None and math.isfinite(chart.baseline_ms):
+        ax.axhline(chart.baseline_ms, color="gray", linestyle="--", linewidth=1, label="input model")
+    if chart.best_ms is not None and math.isfinite(chart.best_ms):
+        ax.axhline(chart.best_ms, color="black", linestyle=":", linewidth=1, label="graph kept")
+    if chart.note:
+        ax.text(0.5, 0.5, chart.note, transform=ax.transAxes, ha="center", va="bottom", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
+    ax.set_xlabel(chart.xlabel)
     ax.set_ylabel("latency (ms)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_latency_history(path: str | os.PathLike[str], chart: "LatencyChart", title: str = "latency per step") -> None:
+    """Write `latency_figure(chart, title)` to `path` (its format from the extension), atomically."""
+    fig = latency_figure(chart, title)
     with replacing(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
-    plt.close(fig)
+        fig.savefig(tmp, format=plot_format(path), dpi=120)
 
 
 def plot_speedup_bars(
@@ -184,7 +226,7 @@ def plot_speedup_bars(
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with replacing(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        fig.savefig(tmp, format=plot_format(path), dpi=120)
     plt.close(fig)
 
 
@@ -195,7 +237,8 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 __all__ = [
-    "format_summary", "format_latency", "write_json", "write_text", "plot_latency_history", "plot_speedup_bars",
+    "format_summary", "format_latency", "write_json", "write_text", "plot_latency_history", "latency_figure",
+    "latency_chart", "LatencyChart", "plot_speedup_bars",
     "markdown_table",
 ]
 
@@ -335,12 +378,44 @@ def build_report(**parts: Any) -> dict[str, Any]:
     }
 
 
-def plot_series(report: Mapping[str, Any]) -> dict[str, list[tuple[int, float]]]:
-    """The chart's lines: the best latency so far, and the current graph's when it differs (random, policy)."""
+_MAX_LEGEND_LINES = 10
+
+
+@dataclass(frozen=True)
+class LatencyChart:
+    """What `--plot` draws: lines of (step, ms) by label, the x axis' meaning, the input's latency, the latency
+    of the graph kept (when the lines are rollouts), and a note (when nothing was rewritten)."""
+
+    series: Mapping[str, Sequence[tuple[int, float]]]
+    xlabel: str = "step"
+    baseline_ms: float | None = None
+    best_ms: float | None = None
+    note: str = ""
+
+
+def latency_chart(report: Mapping[str, Any]) -> LatencyChart:
+    """The chart of a run: one line per rollout (random, policy: each from the input at step 0, against the step
+    within its rollout); for one path (greedy, backtrack) the best latency so far and the current graph's when
+    it differs; with no step at all a flat line at the input's latency, and a note."""
     history = report["history"]
-    series: dict[str, list[tuple[int, float]]] = {}
     start = report["latency"]["before"]["ms"]
-    series["best so far"] = [(0, start)] + [(r["step"], r["best_ms"]) for r in history]
+    note = "" if report["rewrites"] else "no rewrite kept: the output is the input's graph"
+    if not history:
+        return LatencyChart({"input model": [(0, start), (1, start)]}, note=note or "no step taken")
+    rollouts: dict[int, list[Mapping[str, Any]]] = {}
+    for record in history:
+        rollouts.setdefault(record["rollout"], []).append(record)
+    if len(rollouts) > 1:
+        policy = str(report.get("method", "")).startswith("policy")
+
+        def label(rollout: int) -> str:
+            return f"rollout {rollout}" + ((" (deterministic)" if rollout == 0 else " (sampled)") if policy else "")
+
+        series = {label(r): [(0, start)] + [(i, rec["current_ms"]) for i, rec in enumerate(records, start=1)]
+                  for r, records in rollouts.items()}
+        best = min(rec["best_ms"] for rec in history)
+        return LatencyChart(series, "step within the rollout", start, best, note)
+    series = {"best so far": [(0, start)] + [(r["step"], r["best_ms"]) for r in history]}
     if any(r["current_ms"] != r["best_ms"] for r in history):
         series["current graph"] = [(0, start)] + [(r["step"], r["current_ms"]) for r in history]
-    return series
+    return LatencyChart(series, "step", start, None, note)

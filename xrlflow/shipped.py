@@ -8,6 +8,7 @@ an installed wheel outside the checkout.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path, PurePath
 
@@ -71,3 +72,27 @@ def _shipped_name(spec: PurePath) -> tuple[str, str]:
         parts.pop(0)
     return (parts[0], file) if len(parts) == 1 else ("", "")
 
+
+def policy_target_device(checkpoint: str | os.PathLike[str]) -> str | None:
+    """The device a checkpoint's policy was trained to optimise for (its run.json's train_config.device: the
+    device of its reward), or None when run.json is missing, unreadable or does not say (the loader refuses
+    such checkpoints with its own message)."""
+    path = Path(checkpoint)
+    meta = (path if path.is_dir() else path.parent) / "run.json"
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    train = data.get("train_config") if isinstance(data, dict) else None
+    device = train.get("device") if isinstance(train, dict) else None
+    return device if isinstance(device, str) else None
+
+
+def device_mismatch(checkpoint: str | os.PathLike[str], device: str) -> str | None:
+    """A warning when the policy at `checkpoint` was trained for another device than `device`, else None."""
+    trained_for = policy_target_device(checkpoint)
+    if trained_for is None or trained_for == device:
+        return None
+    return (f"the policy {checkpoint} was trained for --device {trained_for} (its run.json) but this run optimises "
+            f"for --device {device}: its choices aim at the other device's latencies; pass --device {trained_for} "
+            f"or use a policy trained for {device}")

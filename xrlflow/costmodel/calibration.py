@@ -19,11 +19,16 @@ from xrlflow.costmodel.profiles import PROFILES, DeviceProfile
 from xrlflow.ir import Graph, OpaqueAttribute
 
 
+# onnxruntime 1.31 (the bundled H200 table's) loads models up to IR version 10; onnx 1.23's helper writes 14
+MAX_IR_VERSION = 10
+
+
 def kernel_model(graph: Graph, kernel: Kernel, seed: int = 0) -> tuple[onnx.ModelProto, list[tuple[str, int, tuple[int, ...]]]] | None:
     """The kernel as a standalone ONNX model (constants as initializers with their real values where known,
     random otherwise), plus its runtime inputs; None when a shape is not static."""
     rng = np.random.default_rng(seed)
-    members = [graph.nodes[n] for n in kernel.nodes]
+    position = {n: i for i, n in enumerate(graph.topological_order())}
+    members = sorted((graph.nodes[n] for n in kernel.nodes), key=lambda m: position[m.name])
     names = {m.name for m in members}
     produced = {v for m in members for v in m.outputs}
     inputs, initializers, runtime = [], [], []
@@ -60,11 +65,15 @@ def kernel_model(graph: Graph, kernel: Kernel, seed: int = 0) -> tuple[onnx.Mode
         for k, val in m.attributes:
             proto.attribute.append(val.proto if isinstance(val, OpaqueAttribute) else helper.make_attribute(k, list(val) if isinstance(val, tuple) else val))
         nodes.append(proto)
+    opsets = dict(graph.context.opset_imports)
+    for m in members:
+        if m.domain not in ("", "ai.onnx"):
+            opsets.setdefault(m.domain, 1)
     model = helper.make_model(
         helper.make_graph(nodes, "kernel", inputs, outputs, initializers),
-        opset_imports=[helper.make_opsetid(d, v) for d, v in graph.context.opset_imports],
+        opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
     )
-    model.ir_version = graph.context.ir_version
+    model.ir_version = min(graph.context.ir_version, MAX_IR_VERSION)
     return model, runtime
 
 
