@@ -34,3 +34,18 @@ def test_shipped_policy_matches_the_registry_and_optimises(run, tmp_path):
     assert result.report["verification"]["ok"]
     assert result.report["latency"]["after"]["ms"] <= result.report["latency"]["before"]["ms"]
     assert result.report["rewrites"], "the policy applied no rewrite to SqueezeNet (its Fire modules always admit some)"
+
+
+def test_a_checkpoint_of_another_registry_is_refused_naming_the_shipped_one(tmp_path):
+    import shutil
+
+    from xrlflow.errors import BadInputError
+    from xrlflow.shipped import DEFAULT_POLICY
+
+    run = tmp_path / "old-run"
+    shutil.copytree(SHIPPED[0], run)
+    meta = read_meta(run)
+    meta["rule_fingerprint"] = "0123456789abcdef"
+    (run / "run.json").write_text(__import__("json").dumps(meta))
+    with pytest.raises(BadInputError, match=f"0123456789abcdef.*{DEFAULT_POLICY}"):
+        load_policy(run)
