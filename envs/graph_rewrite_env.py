@@ -29,7 +29,8 @@ Predicted gain (`EnvConfig.cost_features`): 100 x (predicted latency decrease) /
 from the env's `predictor` (by default the latency service itself when it is deterministic, i.e. the cost
 model; a measured service gets no predictor unless one is given, and the column stays 0). It is priced on
 the rewrite's changed region only (`xrlflow.sites.local_cost_delta`, equal to the whole-graph difference)
-once per group of identical sites, on the group's first match; a macro's gain is that times its sites.
+once per group of identical sites, on the group's first match, and cached by a structural key of the
+match's surroundings (`xrlflow.sites.region_key`); a macro's gain is that times its sites.
 
 Reward: 100 * (L_prev - L_new) / L_initial, no living bonus. **Returning to a graph already seen in the
 episode is penalised**: the step's reward is lowered by `config.revisit_penalty` (info["revisit"]), and
@@ -219,9 +220,9 @@ class GraphRewriteEnv(gym.Env):
         self._features = np.zeros((0, CANDIDATE_FEATURES), np.float32)
         self._dropped = 0
         self._applied: list[Match] = []
-        # region key -> (predicted ms change, the nodes the key's ids stand for): a rewrite far from the last
-        # one keeps its predicted change, so most candidates are priced once per lineage, not once per step
-        self._delta_cache: dict[Any, tuple[float, tuple]] = {}
+        # region key -> predicted ms change: a rewrite whose surroundings look the same (far from the last
+        # rewrite, in another identical layer, on another rollout) is priced once
+        self._delta_cache: dict[Any, float] = {}
         self._recent: dict[Any, dict[str, Any]] = {}  # see _recent_entry
         self._content = ContentKeys()  # revisits and ways out, recognised independently of node names
 
@@ -441,7 +442,7 @@ class GraphRewriteEnv(gym.Env):
             for i, slot in enumerate(slots):
                 sig = signature_of[slot[0]]
                 if sig not in gain_of:
-                    key, nodes = region_key(g, slot[0])
+                    key = region_key(g, slot[0])
                     cached = self._delta_cache.get(key)
                     if cached is None:
                         try:
@@ -451,10 +452,10 @@ class GraphRewriteEnv(gym.Env):
                         delta = 0.0 if child is None else local_cost_delta(self.predictor, g, child)
                         if len(self._delta_cache) >= 100_000:
                             self._delta_cache.clear()
-                        cached = self._delta_cache[key] = (delta, nodes)
+                        cached = self._delta_cache[key] = delta
                         if child is not None and len(slot) == 1:
                             children[i] = child
-                    gain_of[sig] = 100.0 * -cached[0] / current_ms if current_ms > 0 else 0.0
+                    gain_of[sig] = 100.0 * -cached / current_ms if current_ms > 0 else 0.0
                 gain = gain_of[sig] * len(slot)
                 features[i, 0] = math.copysign(math.log1p(10.0 * abs(gain)), gain) / 4.0
                 features[i, 1] = float(gain > 1e-9)

@@ -320,10 +320,15 @@ def search_with_policy(policy_path: str, graph: Graph, engine: RewriteEngine, se
                 bar.set_description_str("measuring")
             bar.n = done
             bar.refresh()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the GNN on one graph: a thread pool costs more than it brings (2x on 2 cores)
     try:
         return policy_search(graph, service, make_env, policy.choose, config, on_step, predictor=predictor,
                              progress=progress)
     finally:
+        torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
 

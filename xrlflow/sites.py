@@ -12,9 +12,10 @@ neighbouring rewrite may have changed what a rule's conditions look at).
 `local_cost_delta` predicts what a rewrite changes in a graph's latency without pricing the whole graph:
 it prices only the nodes the rewrite removed and added plus the unchanged nodes within `radius` hops of
 them, in the parent and in the child, and returns the difference. The unchanged nodes are the same in both
-priced pieces, so what the cut at their border does to their kernels cancels; `radius` (6) reaches past the
+priced pieces, so what the cut at their border does to their kernels cancels; `radius` (5) reaches past the
 largest pattern onnxruntime fuses in the cost model (GELU: 5 nodes), so a rewrite that breaks or enables a
-fusion is priced with it. This is for cheap latency services (the cost model): it calls
+fusion is priced with it (radius 4 already gave the whole-graph difference on every match of the zoo's
+transformers; tests/test_env.py checks it on small graphs). This is for cheap latency services (the cost model): it calls
 `service.latency` on two small graphs.
 
 Core module: no torch, no gymnasium.
@@ -29,7 +30,7 @@ from xrlflow.errors import GraphError
 from xrlflow.ir import Graph
 from xrlflow.latency import LatencyService
 
-LOCAL_RADIUS = 6
+LOCAL_RADIUS = 5
 GUARD_HOPS = 3  # how far from its bound nodes a rule's find() looks (inputs' producers, readers of readers)
 
 
@@ -211,14 +212,28 @@ def subgraph(graph: Graph, names: set[str]) -> Graph:
                  {v: tuple(c) for v, c in consumers.items()}, graph.constants, graph.next_id, graph.bound_dims)
 
 
-def region_key(graph: Graph, match: Match, radius: int = LOCAL_RADIUS + GUARD_HOPS) -> tuple[Any, tuple]:
-    """(a key, the node values it stands for) that is equal for a match in two graphs of one lineage exactly
-    when every node within `radius` of its bound nodes is the same node value: then the match's rewrite
-    changes the same region in the same way and `local_cost_delta` gives the same number. Keep the returned
-    nodes alive as long as the key is used (the key holds their ids)."""
-    near = sorted(_neighbourhood(graph, {n for n in match.nodes if n in graph.nodes}, radius))
-    nodes = tuple(graph.nodes[n] for n in near)
-    return (match, tuple(near), tuple(id(node) for node in nodes)), nodes
+def region_key(graph: Graph, match: Match, radius: int = LOCAL_RADIUS + 2, rounds: int = 3) -> tuple[Any, ...]:
+    """A structural key of a match and the nodes within `radius` of it, independent of names: equal keys
+    mean (up to a hash collision) the same rewrite of the same surroundings, so `local_cost_delta` gives the
+    same number. A few Weisfeiler-Lehman rounds over the region: each node's label starts from its op,
+    attributes and the types and constness of its values, then takes in its producers' labels by input
+    position and its readers' labels as a sorted multiset (nodes outside the region count as one label)."""
+    near = _neighbourhood(graph, {n for n in match.nodes if n in graph.nodes}, radius)
+    label: dict[str, int] = {}
+    for name in near:
+        node = graph.nodes[name]
+        label[name] = hash((node.signature, tuple(_value_key(graph, v) if v else None for v in node.inputs),
+                            tuple((_value_key(graph, v), graph.is_graph_output(v)) for v in node.outputs if v)))
+    for _ in range(rounds):
+        nxt: dict[str, int] = {}
+        for name in near:
+            node = graph.nodes[name]
+            producers = tuple(label.get(graph.producer.get(v, ""), 0) if v else None for v in node.inputs)
+            readers = tuple(sorted(label.get(c, 0) for v in node.outputs if v for c in graph.consumers.get(v, ())))
+            nxt[name] = hash((label[name], producers, readers))
+        label = nxt
+    bound = tuple(label.get(n, 0) for n in match.nodes)
+    return (match.rule, _params_key(graph, match.params), bound, tuple(sorted(label.values())))
 
 
 def local_cost_delta(service: LatencyService, parent: Graph, child: Graph, radius: int = LOCAL_RADIUS) -> float:
