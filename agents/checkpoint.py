@@ -76,10 +76,12 @@ def check_fingerprint(meta: Mapping[str, Any], expected: str | None = None, wher
     if found != expected:
         from xrlflow.shipped import DEFAULT_POLICY
 
-        raise BadInputError(
-            f"{where} was trained with rule registry {found} but this build has {expected}; "
-            f"use the shipped policy {DEFAULT_POLICY} (--policy checkpoints/{DEFAULT_POLICY}, trained on this "
-            "registry), retrain, or use the matching xrlflow version")
+        if Path(where).name in (DEFAULT_POLICY, POLICY_FILE) and DEFAULT_POLICY in str(where):
+            advice = f"this is a copy of the shipped {DEFAULT_POLICY} from another xrlflow version: reinstall xrlflow"
+        else:
+            advice = (f"use the shipped policy {DEFAULT_POLICY} (--policy checkpoints/{DEFAULT_POLICY}, trained on "
+                      "this registry), retrain, or use the matching xrlflow version")
+        raise BadInputError(f"{where} was trained with rule registry {found} but this build has {expected}; {advice}")
 
 
 @dataclass
