@@ -156,7 +156,9 @@ class Comparison:
 
     The CI covers run-to-run noise only: where each session's weights land in memory leaves a fixed effect
     per session (about +-0.3% on the CPU A/A runs in bench/results/measure_cpu.md) that no interval from
-    these four sessions can see: over repeated A/A compares the CI held 1.0 in only 55-75% of them."""
+    these four sessions can see: over repeated A/A compares the CI held 1.0 in only 55-75% of them. So this is
+    a within-compare interval; the final A/B of `xrlflow optimize` (`guarantee.repeated_ab`) spans several
+    independent compares instead, which holds 1.0 at its stated rate."""
 
     ratio: float
     low: float

@@ -260,15 +260,13 @@ def optimize(
         deployment_service = service
     try:
         chosen, guarantee = _guarantee(config, model, graph, candidates, deployment_service, verification, kind)
-        _stage_gains(stages, candidates, service, config)
+        _stage_gains(stages, candidates, service, config, result.initial_latency)
         advice = None
         if config.device == "cuda" and broken is None and (cuda_probe is not None or (own_service and kind == "measured")):
             advice = _cuda_advice(config, model, chosen.model if chosen else model, graph, cuda_probe)
     finally:
         if own_service and deployment_service is not None and deployment_service is not service:
             close_service(deployment_service)
-    if guarantee.get("fallback"):
-        warnings.append(guarantee["message"])
     written = chosen.model if chosen is not None else (model if guarantee.get("fallback") else optimised)
     latency = latency_section(result, service, paired_timing=verification.ok and kind == "measured"
                               and not guarantee.get("checked"))
@@ -522,7 +520,8 @@ def _guarantee(config: OptimizeConfig, model: onnx.ModelProto, graph: Graph, can
     return choice.chosen, entry
 
 
-def _stage_gains(stages: list[dict[str, Any]], candidates: list[Candidate], service: Any, config: OptimizeConfig) -> None:
+def _stage_gains(stages: list[dict[str, Any]], candidates: list[Candidate], service: Any, config: OptimizeConfig,
+                 initial: Any) -> None:
     """Each kept stage's latency before/after: measured speedups over the input (final A/B) when there are,
     else the cost model's estimates (a deterministic service) where it can price the stage's output."""
     kept = [s for s in stages if s.get("applied")]
@@ -532,15 +531,16 @@ def _stage_gains(stages: list[dict[str, Any]], candidates: list[Candidate], serv
     for stage in kept:
         ab = measured.get(by_name.get(stage["name"], ""))
         if ab is not None:
-            before = previous_ms if previous_ms is not None else ab.before_ms
-            stage["latency_ms"] = {"before": before, "after": ab.after_ms, "source": "final A/B (deployment setting)",
-                                   "speedup_over_input": ab.speedup, "interval": [ab.low, ab.high],
-                                   "measured_faster": ab.faster}
-            previous_ms = ab.after_ms
+            # the input's median over the compares, over the paired speedup: what this stage's output runs in
+            after = ab.before_ms / ab.speedup
+            stage["latency_ms"] = {"before": previous_ms if previous_ms is not None else ab.before_ms, "after": after,
+                                   "source": "final A/B (deployment setting)", "speedup_over_input": ab.speedup,
+                                   "interval": [ab.low, ab.high], "measured_faster": ab.faster}
+            previous_ms = after
     if measured or not getattr(service, "deterministic", False):
         return
     models = {c.name: c.model for c in candidates}
-    previous: float | None = None
+    previous: float | None = initial.ms if initial.ok else None
     for stage in kept:
         candidate = models.get(by_name.get(stage["name"], ""))
         estimate = _estimate(service, candidate, config) if candidate is not None else None
@@ -570,7 +570,7 @@ def _deployment_latency(section: dict[str, Any], chosen: Candidate | None, guara
         return {"ms": ms, "low_ms": ms, "high_ms": ms, "runs": 0, "source": "final A/B", "ok": ms == ms}
 
     before = point(ab.before_ms if ab else base)
-    after = point(ab.after_ms) if ab else before
+    after = point(ab.before_ms / ab.speedup) if ab else before
     return {
         "before": before, "after": after, "interval_label": "median over the A/B compares",
         "speedup": ab.speedup if ab else 1.0, "speedup_low": ab.low if ab else None,
