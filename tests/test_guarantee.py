@@ -326,6 +326,16 @@ def test_a_missing_onnxruntime_is_one_line_and_exit_2(tmp_path, monkeypatch, cap
     assert err == [f"xrlflow: error: onnxruntime is not installed: {runtime.INSTALL_HINT}"]
 
 
+def test_the_final_ab_never_reads_the_cache():
+    from xrlflow.optimizer import _deployment_service
+
+    service = _deployment_service(OptimizeConfig(threads=2))
+    try:
+        assert service.cache is None and service.config.session.intra_op_threads == 2
+    finally:
+        service.close()
+
+
 def test_deployment_flags_are_checked():
     for bad in (dict(threads=-1), dict(ab_repeats=1), dict(cuda_graph=True), dict(no_ort_fusions=True, ort_fusions="on")):
         with pytest.raises(Exception, match="--"):
