@@ -342,6 +342,8 @@ def test_deployment_flags_are_checked():
             OptimizeConfig(latency="cost", **bad).validate()
     assert OptimizeConfig(device="cuda").uses_ort_fusions and not OptimizeConfig().uses_ort_fusions
     assert OptimizeConfig().allows_contrib_ops and not OptimizeConfig(no_ort_fusions=True).allows_contrib_ops
+    off = OptimizeConfig(device="cuda", ort_fusions="off")  # the stage skipped, xrlflow's own fusions kept
+    assert not off.uses_ort_fusions and off.allows_contrib_ops
     assert OptimizeConfig(device="cuda", cuda_graph=True).deployment_setting == "cuda, CUDA-graph replay"
     assert OptimizeConfig(threads=4).deployment_setting == "cpu, 4 intra-op threads"
 

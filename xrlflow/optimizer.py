@@ -104,17 +104,18 @@ class OptimizeConfig:
     upgrade_opset: bool = option("refuse a model below opset 13 instead of converting it with onnx.version_converter",
                                  True, flag="--no-upgrade", negate=True)
     # onnxruntime.transformers' fusions after xrlflow's rewrites. auto: on for CUDA; off on the CPU, where they
-    # measured no gain over what onnxruntime's CPU session fuses itself (README, "Optimise a model").
-    ort_fusions: str = option("onnxruntime's transformers fusions after xrlflow's rewrites "
-                              "(auto: on for --device cuda, off on the CPU)", "auto", choices=("auto", "on", "off"))
-    no_ort_fusions: bool = option("no onnxruntime fusions and none of xrlflow's com.microsoft rules "
-                                  "(the output has no contrib op); same as --ort-fusions off", False, switch=True)
+    # measured no gain over what onnxruntime's CPU session fuses itself (bench/results/ort_fusions_cpu.md).
+    ort_fusions: str = option("onnxruntime's transformers fusions after xrlflow's rewrites (auto: on for "
+                              "--device cuda, off on the CPU; off keeps xrlflow's own contrib-op rules)", "auto",
+                              choices=("auto", "on", "off"))
+    no_ort_fusions: bool = option("no onnxruntime fusions and none of xrlflow's com.microsoft rules: the output "
+                                  "has no contrib op", False, switch=True)
     float16: bool = option("convert to float16 last (inputs/outputs stay float32), verified at fp16 tolerances "
                            "against the fp32 input", False, switch=True)
     # The deployment setting: the final A/B and the never-slower guarantee run in it (searches may measure
     # in a stabler one: one thread on the CPU, CUDA-graph replay on CUDA).
     threads: int = option("intra-op threads of the deployment setting the final A/B is measured in "
-                          "(default: onnxruntime's default, all cores)", 0, kind=int, metavar="N")
+                          "(0: onnxruntime's default, all cores)", 0, kind=int, metavar="N")
     cuda_graph: bool = option("on CUDA, the deployment setting replays the model as a CUDA graph "
                               "(default: plain runs, onnxruntime's default)", False, switch=True)
     ab_repeats: int = option("independent A/B compares in the final comparison (its interval spans them)", 5,
@@ -146,12 +147,14 @@ class OptimizeConfig:
 
     @property
     def allows_contrib_ops(self) -> bool:
-        """False with --no-ort-fusions / --ort-fusions off: no com.microsoft op in the output."""
-        return not (self.no_ort_fusions or self.ort_fusions == "off")
+        """False with --no-ort-fusions: no com.microsoft op in the output."""
+        return not self.no_ort_fusions
 
     @property
     def uses_ort_fusions(self) -> bool:
-        return self.allows_contrib_ops and (self.ort_fusions == "on" or self.device == "cuda")
+        if self.no_ort_fusions or self.ort_fusions == "off":
+            return False
+        return self.ort_fusions == "on" or self.device == "cuda"
 
     @property
     def deployment_setting(self) -> str:
