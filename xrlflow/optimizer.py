@@ -275,6 +275,8 @@ def optimize(
                               and not guarantee.get("checked"))
     if guarantee.get("checked"):
         latency = _deployment_latency(latency, chosen, guarantee, config)
+    if own_service:
+        close_service(service)  # its worker process and cache connection
     finished = time.perf_counter()
     report = build_report(
         source=str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else "<ModelProto>",
@@ -497,7 +499,9 @@ def _guarantee(config: OptimizeConfig, model: onnx.ModelProto, graph: Graph, can
     from xrlflow.measure import input_specs
 
     last = candidates[-1] if candidates else None
-    entry: dict[str, Any] = {"deployment_setting": config.deployment_setting, "checked": False, "fallback": False}
+    # a caller's measured service states its own setting; a fake one stands in for the configured setting
+    setting = getattr(getattr(ab_service, "config", None), "setting", None) or config.deployment_setting
+    entry: dict[str, Any] = {"deployment_setting": setting, "checked": False, "fallback": False}
     if not verification.ok:
         entry["message"] = "not checked: the output is not verified"
         return last, entry
@@ -555,7 +559,7 @@ def _stage_gains(stages: list[dict[str, Any]], candidates: list[Candidate], serv
 def _estimate(service: Any, model: onnx.ModelProto, config: OptimizeConfig) -> float | None:
     try:
         latency = service.latency(load_graph(model, config.input_shapes))
-    except (XrlflowError, ValueError, KeyError):  # an op the IR or the cost model cannot price
+    except Exception:  # an op the IR or the cost model cannot take (contrib, float16): a report line, never a failure
         return None
     return latency.ms if latency.ok else None
 
@@ -579,9 +583,9 @@ def _deployment_latency(section: dict[str, Any], chosen: Candidate | None, guara
         "speedup": ab.speedup if ab else 1.0, "speedup_low": ab.low if ab else None,
         "speedup_high": ab.high if ab else None,
         "speedup_method": (f"{config.ab_repeats} independent interleaved A/B compares against the input file "
-                           f"({config.deployment_setting}), 95% t-interval" if ab else
+                           f"({guarantee['deployment_setting']}), 95% t-interval" if ab else
                            "the input written unchanged (no candidate measured faster)"),
-        "deployment_setting": config.deployment_setting, "search": search,
+        "deployment_setting": guarantee["deployment_setting"], "search": search,
     }
 
 
