@@ -53,7 +53,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
     specs = (InputSpec("input_ids", onnx.TensorProto.INT64, (1, args.seq)),
@@ -70,7 +70,8 @@ def main() -> None:
                 service = MeasuredLatency(MeasureConfig.create(device="cpu", intra_op_threads=threads, cache_path="",
                                                                max_seconds=3.0))
                 a, b = model.SerializeToString(), stage.model.SerializeToString()
-                ab = repeated_ab(lambda: service.compare_models(a, specs, b, specs), args.repeats)
+                ab = repeated_ab(lambda swapped: service.compare_models(*((b, specs, a, specs) if swapped
+                                                                          else (a, specs, b, specs))), args.repeats)
                 service.close()
                 rows.append(f"| {'dynamo' if dynamo else 'legacy'} | {threads or 'default'} | "
                             f"{', '.join(f'{n} {op}' for op, n in stage.fused.items()) or '-'} | {check.ok} | "

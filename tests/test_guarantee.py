@@ -31,18 +31,18 @@ def _latency(ms: float) -> Latency:
 
 class FakeAB:
     """compare_models from a latency per model (`time_of(ModelProto) -> ms`) with a little seeded noise;
-    records what it was handed as "before"."""
+    records the pairs it was handed."""
 
     def __init__(self, time_of, noise: float = 0.002, seed: int = 0) -> None:
         self.time_of = time_of
         self.noise = noise
         self.rng = np.random.default_rng(seed)
-        self.befores: list[onnx.ModelProto] = []
+        self.pairs: list[tuple[onnx.ModelProto, onnx.ModelProto]] = []
         self.calls = 0
 
     def compare_models(self, model_a, specs_a, model_b, specs_b):
         a, b = onnx.load_from_string(model_a), onnx.load_from_string(model_b)
-        self.befores.append(a)
+        self.pairs.append((a, b))
         self.calls += 1
         ta, tb = self.time_of(a), self.time_of(b)
         ratio = tb / ta * math.exp(self.rng.normal(0, self.noise))
@@ -68,8 +68,10 @@ def test_a_result_measured_faster_is_written_and_before_is_the_users_file():
     assert guarantee["checked"] and not guarantee["fallback"] and guarantee["chosen"] == "xrlflow rewrites"
     assert not result.unchanged and matmuls(result.model) < matmuls(model)
     assert fake.calls == CONFIG.ab_repeats
-    # the A/B's "before" is the user's graph (its MatMuls unmerged, its nodes by name), not the search's
-    assert all([n.name for n in b.graph.node] == [n.name for n in model.graph.node] for b in fake.befores)
+    # the A/B's "before" is the user's graph (its MatMuls unmerged, its nodes by name), not the search's; it
+    # takes slot A in the even compares and slot B in the odd ones
+    users = lambda m: [n.name for n in m.graph.node] == [n.name for n in model.graph.node]  # noqa: E731
+    assert [(users(a), users(b)) for a, b in fake.pairs] == [(True, False), (False, True)] * (CONFIG.ab_repeats // 2)
     lat = result.report["latency"]
     assert lat["speedup"] > 1 and lat["speedup_low"] > 1 and lat["deployment_setting"] == "cpu, onnxruntime's default threads"
     assert lat["search"]["setting"]  # the search's own setting is stated too
@@ -168,21 +170,61 @@ def test_without_a_deployment_service_the_guarantee_says_it_was_not_checked():
     assert result.report["stages"][0]["latency_ms"]["source"].startswith("estimate")
 
 
+def test_the_measured_models_carry_static_shapes_from_the_inputs_run():
+    from onnx import TensorProto, helper
+
+    from xrlflow.measure_worker import InputSpec
+    from xrlflow.optimizer import output_shapes_at, with_bound_shapes
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    specs = (InputSpec("x", TensorProto.FLOAT, (3, 4)),)
+    shapes = output_shapes_at(specs, {"x": np.zeros((3, 4), np.float32)}, ["y"], [np.zeros((3, 4), np.float32)])
+    assert shapes == {"y": (3, 4)}
+    assert output_shapes_at(specs, {"x": np.zeros((2, 4), np.float32)}, ["y"], [np.zeros((2, 4))]) is None
+    bound = with_bound_shapes(model, specs, shapes)
+    dims = lambda vi: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(bound.graph.input[0]) == [3, 4] and dims(bound.graph.output[0]) == [3, 4]
+    assert dims(model.graph.input[0]) == ["batch", 4]  # the caller's model is untouched
+    inferred = with_bound_shapes(model, specs)  # onnx's shape inference where the run's shapes are unknown
+    assert dims(inferred.graph.output[0]) == [3, 4]
+
+
 # ---- the interval --------------------------------------------------------------------------------------------
-def test_repeated_compares_hold_one_at_their_stated_rate_on_an_aa_service():
-    """A/A with a fixed effect per session draw (sd 0.4%) and a narrow within-compare CI: one compare's own
-    interval misses 1.0 most of the time, the interval over independent compares holds it ~95% of the time."""
-    rng = np.random.default_rng(0)
-
-    def aa_compare():
-        ratio = math.exp(rng.normal(0, 0.004))  # this compare's sessions: where their buffers landed
+def _aa_service(rng, slot_bias: float):
+    """A/A compares with a fixed effect per session draw (sd 0.4%), a narrow within-compare CI, and slot B
+    reading `slot_bias` faster whatever runs in it (what a real A/A run on this CPU showed: +0.3%)."""
+    def compare(swapped: bool) -> Comparison:
+        ratio = math.exp(rng.normal(0, 0.004)) / (1.0 + slot_bias)  # B/A of the two slots
         return Comparison(ratio, ratio * 0.999, ratio * 1.001, 40, _latency(1.0), _latency(ratio))
+    return compare
 
+
+def test_repeated_compares_hold_one_at_their_stated_rate_on_an_aa_service():
+    """One compare's own interval misses 1.0 most of the time; the interval over independent compares with
+    alternating slots holds it at ~95%, with and without a slot bias."""
+    rng = np.random.default_rng(0)
     trials = 400
-    single = sum(c.low <= 1.0 <= c.high for c in (aa_compare() for _ in range(trials))) / trials
-    held = sum(r.low <= 1.0 <= r.high for r in (repeated_ab(aa_compare, 5) for _ in range(trials))) / trials
-    assert single < 0.5
-    assert 0.91 <= held <= 0.985
+    for bias in (0.0, 0.003):
+        compare = _aa_service(rng, bias)
+        single = sum(c.low <= 1.0 <= c.high for c in (compare(False) for _ in range(trials))) / trials
+        results = [repeated_ab(compare, 6) for _ in range(trials)]
+        held = sum(r.low <= 1.0 <= r.high for r in results) / trials
+        assert single < 0.5
+        assert 0.92 <= held <= 0.99, (bias, held)
+        assert sum(r.faster for r in results) / trials <= 0.05  # an A/A "candidate" rarely passes as faster
+
+
+def test_without_alternating_slots_a_slot_bias_would_pass_as_a_speedup():
+    """Why the roles alternate: the same biased service with the candidate always in slot B."""
+    rng = np.random.default_rng(1)
+    compare = _aa_service(rng, 0.003)
+    fixed = [ab_interval([1.0 / compare(False).ratio for _ in range(6)]) for _ in range(200)]
+    assert sum(low > 1.0 for _, low, _ in fixed) / 200 > 0.3
+    alternating = [repeated_ab(compare, 6) for _ in range(200)]
+    assert sum(r.faster for r in alternating) / 200 <= 0.05
 
 
 def test_ab_interval_math():
@@ -191,7 +233,7 @@ def test_ab_interval_math():
     centre, low, high = ab_interval([1.0, 1.02, 0.98, 1.01])
     assert low < 1.0 < high
     failed = Comparison(math.nan, math.nan, math.nan, 0, Latency.failed("x"), Latency.failed("x"), ok=False, reason="boom")
-    result = repeated_ab(lambda: failed, 3)
+    result = repeated_ab(lambda swapped: failed, 3)
     assert not result.ok and not result.faster and result.reason == "boom"
 
 

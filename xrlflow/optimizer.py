@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -118,7 +118,8 @@ class OptimizeConfig:
                           "(0: onnxruntime's default, all cores)", 0, kind=int, metavar="N")
     cuda_graph: bool = option("on CUDA, the deployment setting replays the model as a CUDA graph "
                               "(default: plain runs, onnxruntime's default)", False, switch=True)
-    ab_repeats: int = option("independent A/B compares in the final comparison (its interval spans them)", 5,
+    ab_repeats: int = option("independent A/B compares in the final comparison, the models' slots alternating "
+                             "(its interval spans them)", 6,
                              kind=int, metavar="N")
 
     def validate(self) -> None:
@@ -229,6 +230,7 @@ def optimize(
     feeds, feeds_source = _feeds(config, model)
     tolerance = tolerances_by_output(config, model)
     expected, cannot_run = _reference_outputs(model, feeds, warnings)
+    reference_feeds = feeds  # `feeds` becomes the deciding verification's (maybe at a second binding)
     kind, service = config.latency, latency_service
     own_service = service is None
     if service is None:
@@ -261,12 +263,14 @@ def optimize(
         deployment_service = _deployment_service(config)
     elif deployment_service is None and isinstance(service, ComparesModels):
         deployment_service = service
+    shapes = _output_shapes(graph, reference_feeds, model, expected) \
+        if verification.ok and (deployment_service is not None or config.device == "cuda") else None
     try:
-        chosen, guarantee = _guarantee(config, model, graph, candidates, deployment_service, verification, kind)
+        chosen, guarantee = _guarantee(config, model, graph, candidates, deployment_service, verification, kind, shapes)
         _stage_gains(stages, candidates, service, config, result.initial_latency)
         advice = None
         if config.device == "cuda" and broken is None and (cuda_probe is not None or (own_service and kind == "measured")):
-            advice = _cuda_advice(config, model, chosen.model if chosen else model, graph, cuda_probe)
+            advice = _cuda_advice(config, model, chosen.model if chosen else model, graph, cuda_probe, shapes)
     finally:
         if own_service and deployment_service is not None and deployment_service is not service:
             close_service(deployment_service)
@@ -450,23 +454,26 @@ def _onnxruntime_stages(
     return candidates
 
 
-def with_bound_shapes(model: onnx.ModelProto, specs: Any) -> onnx.ModelProto:
-    """A copy whose graph inputs carry the bound shapes and whose outputs carry the shapes inferred from them
-    (a CUDA-graph session binds its outputs once, so their shapes must be static)."""
+def with_bound_shapes(model: onnx.ModelProto, specs: Any,
+                      output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+    """A copy whose graph inputs carry the bound shapes and whose outputs carry static shapes (a CUDA-graph
+    session binds its outputs once): `output_shapes` where known (the input's outputs at this binding, which
+    every verified candidate reproduces), else what onnx's shape inference finds."""
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
     shapes = {s.name: s.shape for s in specs}
     for vi in bound.graph.input:
         if vi.name in shapes:
-            dims = vi.type.tensor_type.shape.dim
-            del dims[:]
-            for d in shapes[vi.name]:
-                dims.add().dim_value = int(d)
+            _set_dims(vi, shapes[vi.name])
+    if output_shapes is not None and all(vi.name in output_shapes for vi in bound.graph.output):
+        for vi in bound.graph.output:
+            _set_dims(vi, output_shapes[vi.name])
+        return bound
     if not fits_in_protobuf(bound):
         return bound
     try:
         inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=False)
-    except Exception:  # a model onnx cannot infer (contrib ops onnx does not know): outputs as they were
+    except Exception:  # a model onnx cannot infer: outputs as they were
         return bound
     by_name = {vi.name: vi for vi in inferred.graph.output}
     for vi in bound.graph.output:
@@ -474,6 +481,32 @@ def with_bound_shapes(model: onnx.ModelProto, specs: Any) -> onnx.ModelProto:
         if dims and all(d.HasField("dim_value") for d in dims):
             vi.type.tensor_type.shape.CopyFrom(by_name[vi.name].type.tensor_type.shape)
     return bound
+
+
+def _set_dims(vi: onnx.ValueInfoProto, shape: Sequence[int]) -> None:
+    dims = vi.type.tensor_type.shape.dim
+    del dims[:]
+    for d in shape:
+        dims.add().dim_value = int(d)
+
+
+def _output_shapes(graph: Graph, feeds: Mapping[str, np.ndarray], model: onnx.ModelProto,
+                   expected: Sequence[np.ndarray] | None) -> dict[str, tuple[int, ...]] | None:
+    from xrlflow.measure import input_specs
+
+    try:
+        specs = input_specs(graph)
+    except BadInputError:  # an unbound dim: nothing is measured at a binding
+        return None
+    return output_shapes_at(specs, feeds, [o.name for o in model.graph.output], expected)
+
+
+def output_shapes_at(specs: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str],
+                     outputs: Sequence[np.ndarray] | None) -> dict[str, tuple[int, ...]] | None:
+    """The input model's output shapes at the search's binding, when the verification feeds were at it."""
+    if outputs is None or any(s.name not in feeds or tuple(feeds[s.name].shape) != tuple(s.shape) for s in specs):
+        return None
+    return {name: tuple(np.shape(out)) for name, out in zip(names, outputs)}
 
 
 def _deployment_service(config: OptimizeConfig) -> Any:
@@ -492,7 +525,8 @@ def _search_setting(service: Any) -> str:
 
 
 def _guarantee(config: OptimizeConfig, model: onnx.ModelProto, graph: Graph, candidates: list[Candidate],
-               ab_service: Any, verification: VerifyReport, kind: str) -> tuple[Candidate | None, dict[str, Any]]:
+               ab_service: Any, verification: VerifyReport, kind: str,
+               output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[Candidate | None, dict[str, Any]]:
     """The candidate to write and the report's guarantee entry. With a service that can compare models, each
     verified candidate is A/B-timed against the user's file (bound to the search's shapes) in the deployment
     setting; the fastest measured faster wins, else the input is written unchanged."""
@@ -510,11 +544,13 @@ def _guarantee(config: OptimizeConfig, model: onnx.ModelProto, graph: Graph, can
                             if kind != "measured" else "not checked: the latency service cannot compare models")
         return last, entry
     specs = input_specs(graph)
-    before = with_bound_shapes(model, specs).SerializeToString()
+    before = with_bound_shapes(model, specs, output_shapes).SerializeToString()
 
     def measure(candidate: Candidate):
-        after = with_bound_shapes(candidate.model, specs).SerializeToString()
-        return repeated_ab(lambda: ab_service.compare_models(before, specs, after, specs), config.ab_repeats)
+        after = with_bound_shapes(candidate.model, specs, output_shapes).SerializeToString()
+        return repeated_ab(lambda swapped: ab_service.compare_models(*((after, specs, before, specs) if swapped
+                                                                       else (before, specs, after, specs))),
+                           config.ab_repeats)
 
     choice = choose_candidate(candidates, measure)
     entry.update(
@@ -618,14 +654,15 @@ SNIPPET_MODEL = "model.opt.onnx"  # the snippet's model path until the CLI knows
 
 
 def _cuda_advice(config: OptimizeConfig, model: onnx.ModelProto, written: onnx.ModelProto, graph: Graph,
-                 probe: Any) -> dict[str, Any]:
+                 probe: Any, output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     from xrlflow.measure import input_specs
 
     own = probe is None
     probe = probe or CudaGraphProbe(config)
     try:
         specs = input_specs(graph)
-        models = {"input": with_bound_shapes(model, specs), "output": with_bound_shapes(written, specs)}
+        models = {"input": with_bound_shapes(model, specs, output_shapes),
+                  "output": with_bound_shapes(written, specs, output_shapes)}
         latencies = {}
         for name, proto in models.items():
             data = proto.SerializeToString()
