@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from xrlflow.latency import ComparesModels
 
 # Student-t 97.5% quantiles by degrees of freedom (two-sided 95%).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -36,13 +38,6 @@ def t975(df: int) -> float:
     if df > 30:
         return 1.96 + 2.4 / df  # within 0.3% of the exact quantile past 30
     return _T975[max(k for k in _T975 if k < df)]  # the next lower tabulated df: a slightly wider interval
-
-
-@runtime_checkable
-class ComparesModels(Protocol):
-    """Interleaved A/B timing of two serialised models (`MeasuredLatency.compare_models`)."""
-
-    def compare_models(self, model_a: bytes, specs_a: Any, model_b: bytes, specs_b: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -224,6 +219,6 @@ def cuda_graph_advice(
 
 
 __all__ = [
-    "ABResult", "Candidate", "Choice", "ComparesModels", "ab_interval", "choose_candidate", "cuda_graph_advice",
+    "ABResult", "Candidate", "Choice", "ab_interval", "choose_candidate", "cuda_graph_advice",
     "cuda_graph_snippet", "repeated_ab", "replay_pays", "t975",
 ]

@@ -26,11 +26,11 @@ from xrlflow.engine import RewriteEngine, prepare_for_search
 from xrlflow.errors import BadInputError, GraphError, XrlflowError
 from xrlflow.runtime import OnnxRuntimeMissingError
 from xrlflow.ir import Graph
-from xrlflow.latency import LatencyService, close_service
+from xrlflow.latency import ComparesModels, LatencyService, close_service
 from xrlflow.services import DEVICES, LATENCY_KINDS, make_latency_service
 from xrlflow.onnx_io import fits_in_protobuf, load_graph, opset_upgrade_note, parse_input_shapes, read_model, to_model
 from xrlflow.report import build_report, latency_section
-from xrlflow.guarantee import Candidate, ComparesModels, choose_candidate, cuda_graph_advice, repeated_ab
+from xrlflow.guarantee import Candidate, choose_candidate, cuda_graph_advice, repeated_ab
 from xrlflow.search import SEARCH_METHODS, SearchConfig, SearchResult, policy_search, run_search
 from xrlflow.trajectory import StepCallback, StepRecord
 from xrlflow.verify import (
