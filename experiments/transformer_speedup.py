@@ -150,10 +150,11 @@ def run_model(name: str, args: argparse.Namespace, measured, search_service, pol
 
     ours: onnx.ModelProto | None = None
     ours_label = ""
-    searches = [("greedy", OptimizeConfig(search="greedy", latency=args.search_latency, device=args.device, search_config=SearchConfig(steps=args.steps)))]
+    # ort_fusions="off": these columns are xrlflow's rewrites alone (onnxruntime's optimizer has its own column)
+    searches = [("greedy", OptimizeConfig(search="greedy", latency=args.search_latency, device=args.device, ort_fusions="off", search_config=SearchConfig(steps=args.steps)))]
     if policy:
         searches.append(("rl", OptimizeConfig(
-            policy=policy, latency=args.search_latency, device=args.device, search_config=SearchConfig(steps=args.steps, rollouts=args.rollouts),
+            policy=policy, latency=args.search_latency, device=args.device, ort_fusions="off", search_config=SearchConfig(steps=args.steps, rollouts=args.rollouts),
         )))
     else:
         row.cells["rl"] = Cell(note="no policy")

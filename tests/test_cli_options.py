@@ -18,6 +18,8 @@ OPTIMIZE_FLAGS = {
     "-h", "--help", "-o", "--output", "--policy", "--search", "--device", "--latency", "--rollouts", "--steps",
     "--budget", "--alpha", "--input-shape", "--report", "--plot", "--seed", "--rules", "--disable-rules", "--inputs",
     "--rtol", "--atol", "--tolerance", "--no-shape-check", "--external-data", "--no-progress",
+    # the pipeline's stages and its deployment setting (OptimizeConfig fields)
+    "--no-upgrade", "--ort-fusions", "--no-ort-fusions", "--float16", "--threads", "--cuda-graph", "--ab-repeats",
 }
 TRAIN_FLAGS = {
     "-h", "--help", "--models", "--latency", "--device", "--policy-device", "--steps", "--seed", "--run-name",

@@ -243,8 +243,11 @@ def test_cuda_without_the_provider_is_bad_input():
         pytest.skip("this onnxruntime has CUDA")
     from xrlflow.errors import BadInputError
 
-    with pytest.raises(BadInputError, match="no CUDA execution provider"):
+    with pytest.raises(BadInputError, match="no CUDA execution provider") as caught:
         MeasuredLatency(MeasureConfig.create(device="cuda", cache_path=""))
+    from xrlflow.runtime import cuda_install_hint
+
+    assert str(caught.value).endswith(cuda_install_hint())  # the fix for the builds installed here
 
 
 def test_several_sessions_are_timed_round_robin_and_the_latency_is_the_median_of_their_medians(monkeypatch):
@@ -353,3 +356,31 @@ def test_the_optimizer_times_plain_cuda_runs_when_capture_is_impossible():
     for kept in (Service(), Service("onnxruntime cannot load the model")):  # capture worked, or another failure
         service, note = plain_cuda_if_uncapturable(kept, graph, lambda: plain)
         assert service is kept and note is None and not kept.closed
+
+
+def test_the_deployment_setting_of_onnxruntimes_default_threads_is_its_own_cache_entry_and_says_so():
+    default = MeasureConfig.create(intra_op_threads=0)
+    assert default.provider == "CPUExecutionProvider/tdefault" != MeasureConfig().provider
+    assert default.setting == "cpu, onnxruntime's default threads"
+    assert MeasureConfig().setting == "cpu, 1 intra-op thread"
+    assert MeasureConfig.create(device="cuda", cuda_graph=False).setting == "cuda, plain runs (no CUDA graph)"
+    from xrlflow.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="threads >= 0"):
+        MeasureConfig.create(intra_op_threads=-1)
+
+
+def test_compare_models_of_the_same_file_at_default_threads_is_near_one():
+    """A/A of two serialised models in the deployment setting (uncached): the repeated A/B of optimize."""
+    from xrlflow.guarantee import repeated_ab
+    from xrlflow.measure import input_specs
+
+    model = tiny_model(width=128)
+    data, specs = model.SerializeToString(), input_specs(load_graph(model))
+    with MeasuredLatency(MeasureConfig.create(intra_op_threads=0, cache_path="", **FAST)) as service:
+        ab = repeated_ab(lambda swapped: service.compare_models(data, specs, data, specs), 4)
+        bigger, big_specs = tiny_model(width=256).SerializeToString(), input_specs(load_graph(tiny_model(256)))
+        pair = lambda swapped: (bigger, big_specs, data, specs) if swapped else (data, specs, bigger, big_specs)  # noqa: E731
+        slower = repeated_ab(lambda swapped: service.compare_models(*pair(swapped)), 4)
+    assert ab.ok and len(ab.compares) == 4 and 0.9 < ab.speedup < 1.1 and ab.low < ab.high
+    assert slower.ok and slower.speedup < 0.8 and not slower.faster

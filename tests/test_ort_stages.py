@@ -151,3 +151,84 @@ def test_float16_of_an_xrlflow_fused_attention_block():
     assert sum(n.op_type == "Cast" for n in half.model.graph.node) == 2
     report = verify_float16(model, half.model, tolerance=FLOAT16_TOLERANCE)  # the CPU EP has an fp16 MHA kernel
     assert report.ok, report.to_dict()
+
+
+# ---- the optimize pipeline's stages on real exports ---------------------------------------------------------
+def _pipeline(path, **settings):
+    from xrlflow.optimizer import OptimizeConfig, optimize
+    from xrlflow.search import SearchConfig
+
+    config = OptimizeConfig(search="greedy", latency="cost", search_config=SearchConfig(steps=60), **settings)
+    return optimize(str(path), config)
+
+
+def _contrib_ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node if n.domain == "com.microsoft"]
+
+
+def test_gpt2_block_end_to_end_gets_xrlflow_rewrites_and_a_warning_where_onnxruntime_crashes(hf_exports):
+    path = hf_exports("gpt2", "eager")  # fused c_attn, causal mask
+    result = _pipeline(path, ort_fusions="on")
+    report = result.report
+    assert report["rewrites_by_rule"].get("fuse-packed-qkv-attention") == 2
+    xrlflow_stage, ort_stage = report["stages"]
+    assert xrlflow_stage["applied"] and ort_stage["name"] == "onnxruntime fusions"
+    assert any("IndexError" in w for w in report["warnings"]) and "IndexError" in ort_stage["warning"]
+    assert ort_stage["applied"] and ort_stage["verified"] and ort_stage["fused"].get("SkipLayerNormalization", 0) >= 2
+    assert _contrib_ops(result.model).count("Attention") == 2
+    check = verify_models(onnx.load(str(path)), result.model, tolerance=FP32)
+    assert check.ok, check.to_dict()
+
+
+def test_no_ort_fusions_leaves_no_contrib_op(hf_exports):
+    for path in (hf_exports("gpt2", "eager"), hf_exports("bert", "eager")):
+        with_contrib = _pipeline(path, ort_fusions="on")
+        assert _contrib_ops(with_contrib.model)
+        plain = _pipeline(path, no_ort_fusions=True)
+        assert not _contrib_ops(plain.model)
+        assert not any(r.startswith("fuse-") and "attention" in r for r in plain.report["rules"])
+        assert [s["name"] for s in plain.report["stages"]] == ["xrlflow rewrites"]
+        assert verify_models(onnx.load(str(path)), plain.model, tolerance=FP32).ok
+
+
+def test_cpu_default_leaves_onnxruntime_fusions_out_and_cuda_default_runs_them(hf_exports):
+    from xrlflow.optimizer import OptimizeConfig
+
+    result = _pipeline(hf_exports("bert", "eager"))
+    assert [s["name"] for s in result.report["stages"]] == ["xrlflow rewrites"]
+    assert OptimizeConfig(device="cuda").uses_ort_fusions
+
+
+def test_legacy_bert_with_01_masks_writes_only_what_verifies(hf_exports, tmp_path):
+    """onnxruntime's attention fusion on legacy exports was found inexact with 0/1 masks: whatever the stage
+    does, the written model verifies at 0/1 masks, or the stage is dropped."""
+    from tests.attentionexports import BATCH, SEQ
+
+    path = hf_exports("bert", "eager", dynamo=False)
+    rng = np.random.default_rng(3)
+    mask = np.ones((BATCH, SEQ), np.int64)
+    mask[0, SEQ // 2:] = 0
+    feeds = {"input_ids": rng.integers(0, 100, (BATCH, SEQ)).astype(np.int64), "attention_mask": mask}
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    result = _pipeline(path, ort_fusions="on", inputs=str(tmp_path / "feeds.npz"))
+    stage = next(s for s in result.report["stages"] if s["name"] == "onnxruntime fusions")
+    assert stage["verified"] is not None
+    assert (stage["applied"] and stage["verified"]) or (not stage["applied"] and "dropped" in stage)
+    assert verify_models(onnx.load(str(path)), result.model, feeds).ok
+
+
+def test_float16_stage_in_the_pipeline_is_verified_against_the_fp32_original():
+    model = attention_model(AttentionSpec())
+    from xrlflow.optimizer import OptimizeConfig, optimize
+
+    result = optimize(model, OptimizeConfig(search="greedy", latency="cost", float16=True))
+    stage = next(s for s in result.report["stages"] if s["name"] == "float16")
+    assert stage["verified"] is not None
+    if stage["applied"]:
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in result.model.graph.initializer)
+        assert verify_float16(model, result.model).ok
+        assert [i.type.tensor_type.elem_type for i in result.model.graph.input] == \
+            [i.type.tensor_type.elem_type for i in model.graph.input]
+    else:  # the CPU EP could not run it at fp16 tolerances: dropped, and said so
+        assert "dropped" in stage and any("float16" in w for w in result.report["warnings"])
+        assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in result.model.graph.initializer)

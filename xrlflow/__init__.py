@@ -20,10 +20,12 @@ def optimize(model_or_path: "str | Any | onnx.ModelProto", *, output: str | None
     """Optimise an ONNX model (a path or a ModelProto). The keyword options are `xrlflow optimize`'s flags with
     `_` for `-` (search, the default "greedy"; policy, a checkpoint path or a shipped name, "" the shipped
     default, as `--policy` alone; device, latency, rollouts, steps, budget, alpha, seed, input_shape={name: dims},
-    rules=[...], disable_rules=[...], inputs, rtol, atol, tolerance={output: (rtol, atol)}, no_shape_check).
+    rules=[...], disable_rules=[...], inputs, rtol, atol, tolerance={output: (rtol, atol)}, no_shape_check,
+    ort_fusions="auto"|"on"|"off", no_ort_fusions, float16, threads, cuda_graph, ab_repeats, no_upgrade).
 
-    Returns an `OptimizeResult` with `.model` (the verified optimised ModelProto) and `.report` (the JSON report
-    as a dict). With `output` the model is also written there (atomically; `external_data` puts the weights in
+    Returns an `OptimizeResult` with `.model` (the verified optimised ModelProto, or the input unchanged when
+    nothing was measured faster in the deployment setting: `.unchanged`, `.report["guarantee"]`) and `.report`
+    (the JSON report as a dict). With `output` the model is also written there (atomically; `external_data` puts the weights in
     OUTPUT.data). Raises `xrlflow.optimizer.VerificationError` when the result does not verify and
     `xrlflow.errors.BadInputError` for unusable input.
     """

@@ -5,7 +5,8 @@ Implementations: `xrlflow.measure.MeasuredLatency` (onnxruntime, cached), `xrlfl
 Callers never import onnxruntime themselves; `xrlflow.services.make_latency_service` builds one.
 
 Every service has `name`, `deterministic` and `latency(graph)`. What a service can do besides is a small
-capability protocol, checked with `isinstance`: `ComparesGraphs` (interleaved A/B timing), `Closable`
+capability protocol, checked with `isinstance`: `ComparesGraphs` (interleaved A/B timing), `ComparesModels`
+(the same of two serialised models), `Closable`
 (holds a worker or a cache), `NodeCosts` (per-node cost, the env's cost feature column).
 """
 
@@ -53,6 +54,14 @@ class ComparesGraphs(Protocol):
     """Interleaved A/B timing of two graphs: the ratio B/A with its CI (cancels the machine's drift)."""
 
     def compare(self, graph_a: Graph, graph_b: Graph) -> "Comparison": ...
+
+
+@runtime_checkable
+class ComparesModels(Protocol):
+    """Interleaved A/B timing of two serialised models with their input specs (the final A/B of `xrlflow
+    optimize`: the user's file against a candidate); the ratio is B/A."""
+
+    def compare_models(self, model_a: bytes, specs_a: Any, model_b: bytes, specs_b: Any) -> "Comparison": ...
 
 
 @runtime_checkable

@@ -33,14 +33,17 @@ from xrlflow.ir import Graph
 from xrlflow.latency import Latency
 from xrlflow.latency_cache import CacheKey, LatencyCache, format_shapes
 from xrlflow.measure_worker import (
-    OPT_LEVELS, InputSpec, SessionSettings, TimingJob, TimingPlan, TimingResult, median_ci,
+    OPT_LEVELS, InputSpec, PlacementJob, SessionSettings, TimingJob, TimingPlan, TimingResult, median_ci,
 )
 
 CUDNN_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
-NO_CUDA_MESSAGE = (
-    "onnxruntime has no CUDA execution provider: install the gpu extra "
-    "(pip install 'xrlflow[gpu]' after uninstalling onnxruntime)"
-)
+
+
+def no_cuda_message() -> str:
+    """The one line for --device cuda without a CUDA execution provider, naming the fix for the builds installed."""
+    from xrlflow.runtime import cuda_install_hint
+
+    return f"onnxruntime has no CUDA execution provider: {cuda_install_hint()}"
 
 
 def parse_pin_cpu(text: str | None) -> int | None:
@@ -92,8 +95,9 @@ class MeasureConfig:
             raise BadInputError(f"unknown device {session.device!r}: use cpu or cuda")
         if session.opt_level not in OPT_LEVELS:
             raise BadInputError(f"unknown optimisation level {session.opt_level!r}: use one of {', '.join(OPT_LEVELS)}")
-        if session.intra_op_threads < 1 or plan.min_runs < 1 or plan.max_runs < plan.min_runs or self.timeout_s <= 0:
-            raise BadInputError("bad measurement settings: need threads >= 1, 1 <= min_runs <= max_runs, timeout > 0")
+        if session.intra_op_threads < 0 or plan.min_runs < 1 or plan.max_runs < plan.min_runs or self.timeout_s <= 0:
+            raise BadInputError("bad measurement settings: need threads >= 0 (0: onnxruntime's default), "
+                                "1 <= min_runs <= max_runs, timeout > 0")
         if plan.sessions < 1:
             raise BadInputError(f"bad measurement settings: sessions must be >= 1, not {plan.sessions}")
         if session.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCHES:
@@ -132,7 +136,17 @@ class MeasureConfig:
             if session.cudnn_conv_algo_search != "EXHAUSTIVE":
                 name += f"/cudnn-{session.cudnn_conv_algo_search.lower()}"
             return name + ("/cudagraph" if self.uses_cuda_graph else "")
-        return f"CPUExecutionProvider/t{session.intra_op_threads}"
+        return f"CPUExecutionProvider/t{session.intra_op_threads or 'default'}"
+
+    @property
+    def setting(self) -> str:
+        """The session setting in words, for the report: 'cpu, 1 thread' / 'cuda, CUDA-graph replay'."""
+        session = self.session
+        if session.device == "cuda":
+            return "cuda, " + ("CUDA-graph replay" if self.uses_cuda_graph else "plain runs (no CUDA graph)")
+        threads = session.intra_op_threads
+        return f"cpu, {threads} intra-op thread{'s' if threads != 1 else ''}" if threads else \
+            "cpu, onnxruntime's default threads"
 
 
 @dataclass(frozen=True)
@@ -142,7 +156,9 @@ class Comparison:
 
     The CI covers run-to-run noise only: where each session's weights land in memory leaves a fixed effect
     per session (about +-0.3% on the CPU A/A runs in bench/results/measure_cpu.md) that no interval from
-    these four sessions can see: over repeated A/A compares the CI held 1.0 in only 55-75% of them."""
+    these four sessions can see: over repeated A/A compares the CI held 1.0 in only 55-75% of them. So this is
+    a within-compare interval; the final A/B of `xrlflow optimize` (`guarantee.repeated_ab`) spans several
+    independent compares instead, which holds 1.0 at its stated rate."""
 
     ratio: float
     low: float
@@ -273,7 +289,9 @@ def device_name(device: str, device_id: int = 0) -> str:
 
 
 def ort_info() -> tuple[str, list[str]]:
-    import onnxruntime as ort
+    from xrlflow.runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
 
     return ort.__version__, list(ort.get_available_providers())
 
@@ -297,7 +315,7 @@ class MeasuredLatency:
         self.config = config
         version, providers = ort_info()
         if config.device == "cuda" and "CUDAExecutionProvider" not in providers:
-            raise BadInputError(NO_CUDA_MESSAGE)
+            raise BadInputError(no_cuda_message())
         self.ort_version = version
         self.device = device_name(config.device, config.session.device_id)
         self.name = f"measured:{config.device}:{config.opt_level}"
@@ -351,10 +369,13 @@ class MeasuredLatency:
         """Interleaved, order-balanced A/B timing in one worker; the ratio is B/A with the 95% CI of its median."""
         from xrlflow.onnx_io import graph_to_bytes
 
-        job = TimingJob(
-            (graph_to_bytes(graph_a), graph_to_bytes(graph_b)), (input_specs(graph_a), input_specs(graph_b)),
-            self.config.session, self.config.plan, self.config.seed,
-        )
+        return self.compare_models(graph_to_bytes(graph_a), input_specs(graph_a), graph_to_bytes(graph_b), input_specs(graph_b))
+
+    def compare_models(self, model_a: bytes, specs_a: tuple[InputSpec, ...], model_b: bytes,
+                       specs_b: tuple[InputSpec, ...], plan: TimingPlan | None = None) -> Comparison:
+        """`compare` of two serialised models (never cached): the user's file against a candidate."""
+        job = TimingJob((model_a, model_b), (specs_a, specs_b), self.config.session, plan or self.config.plan,
+                        self.config.seed)
         status, payload = self._request(job)
         if status != "ok":
             failed = Latency.failed(payload)
@@ -362,6 +383,15 @@ class MeasuredLatency:
         sa, sb = (np.asarray(s) for s in payload.samples_ms)
         ratio, low, high = median_ci(sb / sa)
         return Comparison(ratio, low, high, len(sa), _latency_from_samples(sa), _latency_from_samples(sb))
+
+    def node_placement(self, model: bytes, specs: tuple[InputSpec, ...]) -> tuple[tuple[str, str, str], ...] | str:
+        """(node, op type, provider) per node from one profiled run, or the reason it could not be run."""
+        try:
+            status, payload = self.worker.request(PlacementJob(model, specs, self.config.session, self.config.seed),
+                                                  self.config.timeout_s)
+        except WorkerFailure as exc:
+            return f"worker: {exc}"
+        return payload if status == "ok" else str(payload)
 
     def _request(self, job: TimingJob) -> tuple[str, Any]:
         try:
@@ -373,4 +403,5 @@ class MeasuredLatency:
         return status, payload
 
 
-__all__ = ["MeasureConfig", "parse_pin_cpu", "MeasuredLatency", "Comparison", "MeasureWorker", "input_specs", "device_name", "NO_CUDA_MESSAGE"]
+__all__ = ["MeasureConfig", "parse_pin_cpu", "MeasuredLatency", "Comparison", "MeasureWorker", "input_specs", "device_name",
+           "no_cuda_message"]

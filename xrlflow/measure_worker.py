@@ -30,7 +30,7 @@ class SessionSettings:
     # One intra-op thread on the CPU: on a shared machine a thread pool's spin-waiting collides with every
     # other process and doubles the noise, and parallel environment workers each get a core of their own.
     # Rewrites ranked the same at 1 and 2 threads (fewer kernels and larger GEMMs win at both) when the
-    # measured service was first checked on the CPU.
+    # measured service was first checked on the CPU. 0: onnxruntime's default (all cores), what users deploy.
     intra_op_threads: int = 1
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # the CUDA EP's default; HEURISTIC / DEFAULT skip the timing
     # CUDA EP option enable_cuda_graph: time the run replayed as one captured CUDA graph (`MeasureConfig.create`
@@ -127,22 +127,10 @@ class SessionRunner:
     (IO binding), so a timed run contains no host<->device copy."""
 
     def __init__(self, model: bytes, specs: Sequence[InputSpec], settings: SessionSettings, seed: int) -> None:
-        import onnxruntime as ort
+        from xrlflow.runtime import import_onnxruntime
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings.opt_level)
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = settings.intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if settings.device == "cuda":
-            cuda_options = {"device_id": settings.device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
-            if settings.cuda_graph:
-                cuda_options["enable_cuda_graph"] = "1"
-            providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(model, options, providers=providers)
+        ort = import_onnxruntime()
+        self.session = ort.InferenceSession(model, session_options(ort, settings), providers=providers(settings))
         feeds = random_feeds(specs, seed)
         self.cuda = settings.device == "cuda"
         if self.cuda:
@@ -176,6 +164,72 @@ class SessionRunner:
         start = time.perf_counter_ns()
         self.run()
         return (time.perf_counter_ns() - start) / 1e6
+
+
+def session_options(ort: Any, settings: SessionSettings) -> Any:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings.opt_level)
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = settings.intra_op_threads  # 0: onnxruntime's default
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def providers(settings: SessionSettings) -> list[Any]:
+    if settings.device != "cuda":
+        return ["CPUExecutionProvider"]
+    cuda_options = {"device_id": settings.device_id, "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
+    if settings.cuda_graph:
+        cuda_options["enable_cuda_graph"] = "1"
+    return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class PlacementJob:
+    """Which execution provider runs each node: one profiled run of a session without CUDA-graph capture."""
+
+    model: bytes
+    inputs: tuple[InputSpec, ...]
+    session: SessionSettings
+    seed: int = 0
+
+
+def profile_placement(events: Sequence[dict]) -> tuple[tuple[str, str, str], ...]:
+    """(node name, op type, provider) of each node, from onnxruntime's profiling events (cat "Node", whose
+    args carry op_name and provider; the event's name is the node's name + "_kernel_time")."""
+    placed: dict[str, tuple[str, str, str]] = {}
+    for event in events:
+        args = event.get("args") or {}
+        if event.get("cat") != "Node" or "provider" not in args:
+            continue
+        name = str(event.get("name", ""))
+        for suffix in ("_kernel_time", "_fence_before", "_fence_after"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+        placed.setdefault(name, (name, str(args.get("op_name", "")), str(args["provider"])))
+    return tuple(placed.values())
+
+
+def run_placement(job: PlacementJob) -> tuple[tuple[str, str, str], ...]:
+    import dataclasses
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from xrlflow.runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
+    settings = dataclasses.replace(job.session, cuda_graph=False)
+    options = session_options(ort, settings)
+    with tempfile.TemporaryDirectory(prefix="xrlflow-placement-") as folder:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "placement")
+        session = ort.InferenceSession(job.model, options, providers=providers(settings))
+        session.run(None, random_feeds(job.inputs, job.seed))
+        profile = session.end_profiling()
+        events = json.loads(Path(profile).read_text())
+    return profile_placement(events)
 
 
 def _numpy_type(ort_type: str) -> Any:
@@ -262,7 +316,9 @@ def time_comparison(
     return a.tolist(), b.tolist()
 
 
-def run_job(job: TimingJob) -> TimingResult:
+def run_job(job: TimingJob | PlacementJob) -> Any:
+    if isinstance(job, PlacementJob):
+        return run_placement(job)
     start = time.perf_counter()
     if len(job.models) == 1:
         runners = [SessionRunner(job.models[0], job.inputs[0], job.session, job.seed) for _ in range(max(1, job.plan.sessions))]
@@ -292,7 +348,9 @@ def worker_main(conn: Any, memory_limit_mb: int | None, pin_cpu: int | None = No
         import os
 
         os.sched_setaffinity(0, {pin_cpu})  # before onnxruntime starts any thread: they inherit it
-    import onnxruntime  # load it once, before the first job's clock starts
+    from xrlflow.runtime import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()  # load it once, before the first job's clock starts
 
     # onnxruntime-gpu logs a warning per CUDA session about plugin EP devices through its default logger,
     # which SessionOptions.log_severity_level does not reach
@@ -314,7 +372,7 @@ def worker_main(conn: Any, memory_limit_mb: int | None, pin_cpu: int | None = No
             line = next((m for m in message if m.strip()), type(exc).__name__)
             if not isinstance(exc, RuntimeError) and "onnxruntime" not in type(exc).__module__:
                 line = f"{type(exc).__name__}: {line} ({traceback.extract_tb(exc.__traceback__)[-1].name})"
-            if job.session.cuda_graph and "cuda graph" in line.lower():
+            if isinstance(job, TimingJob) and job.session.cuda_graph and "cuda graph" in line.lower():
                 # session creation refuses (a node off the GPU) or capture fails: say what to do instead
                 line = f"{CUDA_GRAPH_IMPOSSIBLE} ({line}): measure it with cuda_graph=False (--no-cuda-graph)"
             conn.send(("error", line[:500]))

@@ -113,8 +113,13 @@ def write_result(result, output: str | os.PathLike[str], external_data: bool) ->
     """Write the optimised model (atomically) and record it and its size on disk in the report."""
     from xrlflow.onnx_io import save_model
 
+    from xrlflow.optimizer import SNIPPET_MODEL
+
     save_model(result.model, output, external_data=external_data)
     result.report["output"], result.report["written"] = str(output), True
+    advice = result.report.get("advice")
+    if advice and advice.get("snippet"):
+        advice["snippet"] = advice["snippet"].replace(repr(SNIPPET_MODEL), repr(str(output)))
     files = [Path(output), Path(f"{output}.data")]
     result.report["size"]["output_bytes"] = sum(p.stat().st_size for p in files if p.is_file())
 
@@ -137,6 +142,8 @@ def run_optimize(args: argparse.Namespace) -> int:
         log.warning(warning)  # now: the search may take long
     try:
         result = optimize(args.model, config)
+        for note in result.report.get("notes") or ():
+            print(f"xrlflow: {note}", file=sys.stderr)
     except VerificationError as failure:
         report = failure.report
         report["command"] = _command_line()
@@ -157,6 +164,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     print(format_summary(report))
     for warning in found:
         log.warning(warning)
+    if result.unchanged:  # the never-slower guarantee: still exit 0, the output equals the input
+        print(f"xrlflow: nothing measured faster than the input: {args.output} is the input unchanged")
     print(f"wrote {args.output}" + (f", report {args.report}" if args.report else "") + (f", chart {args.plot}" if args.plot else ""))
     return EXIT_OK
 

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -24,11 +24,13 @@ import onnx
 from xrlflow.cli_options import option
 from xrlflow.engine import RewriteEngine, prepare_for_search
 from xrlflow.errors import BadInputError, GraphError, XrlflowError
+from xrlflow.runtime import OnnxRuntimeMissingError
 from xrlflow.ir import Graph
-from xrlflow.latency import LatencyService, close_service
+from xrlflow.latency import ComparesModels, LatencyService, close_service
 from xrlflow.services import DEVICES, LATENCY_KINDS, make_latency_service
-from xrlflow.onnx_io import fits_in_protobuf, load_graph, parse_input_shapes, read_model, to_model
+from xrlflow.onnx_io import fits_in_protobuf, load_graph, opset_upgrade_note, parse_input_shapes, read_model, to_model
 from xrlflow.report import build_report, latency_section
+from xrlflow.guarantee import Candidate, choose_candidate, cuda_graph_advice, repeated_ab
 from xrlflow.search import SEARCH_METHODS, SearchConfig, SearchResult, policy_search, run_search
 from xrlflow.trajectory import StepCallback, StepRecord
 from xrlflow.verify import (
@@ -98,6 +100,26 @@ class OptimizeConfig:
     check_other_shapes: bool = option("skip the second verification with the bound symbolic dims changed", True,
                                       flag="--no-shape-check", negate=True)
     progress: bool = option("no progress bar", False, flag="--no-progress", negate=True)  # a tqdm bar on stderr
+    upgrade_opset: bool = option("refuse a model below opset 13 instead of converting it with onnx.version_converter",
+                                 True, flag="--no-upgrade", negate=True)
+    # onnxruntime.transformers' fusions after xrlflow's rewrites. auto: on for CUDA; off on the CPU, where they
+    # measured no gain over what onnxruntime's CPU session fuses itself (bench/results/ort_fusions_cpu.md).
+    ort_fusions: str = option("onnxruntime's transformers fusions after xrlflow's rewrites (auto: on for "
+                              "--device cuda, off on the CPU; off keeps xrlflow's own contrib-op rules)", "auto",
+                              choices=("auto", "on", "off"))
+    no_ort_fusions: bool = option("no onnxruntime fusions and none of xrlflow's com.microsoft rules: the output "
+                                  "has no contrib op", False, switch=True)
+    float16: bool = option("convert to float16 last (inputs/outputs stay float32), verified at fp16 tolerances "
+                           "against the fp32 input", False, switch=True)
+    # The deployment setting: the final A/B and the never-slower guarantee run in it (searches may measure
+    # in a stabler one: one thread on the CPU, CUDA-graph replay on CUDA).
+    threads: int = option("intra-op threads of the deployment setting the final A/B is measured in "
+                          "(0: onnxruntime's default, all cores)", 0, kind=int, metavar="N")
+    cuda_graph: bool = option("on CUDA, the deployment setting replays the model as a CUDA graph "
+                              "(default: plain runs, onnxruntime's default)", False, switch=True)
+    ab_repeats: int = option("independent A/B compares in the final comparison, the models' slots alternating "
+                             "(its interval spans them)", 6,
+                             kind=int, metavar="N")
 
     def validate(self) -> None:
         search = self.search_config
@@ -109,9 +131,37 @@ class OptimizeConfig:
             raise BadInputError(f"unknown latency service {self.latency!r}; choose from {', '.join(LATENCY_KINDS)}")
         if self.policy is None and self.search == "random" and search.rollouts < 1:
             raise BadInputError("--rollouts must be >= 1 for the random search (>= 0 with a policy)")
+        if self.ort_fusions not in ("auto", "on", "off"):
+            raise BadInputError(f"--ort-fusions takes auto, on or off, not {self.ort_fusions!r}")
+        if self.no_ort_fusions and self.ort_fusions == "on":
+            raise BadInputError("--no-ort-fusions contradicts --ort-fusions on")
+        if self.threads < 0:
+            raise BadInputError(f"--threads must be >= 0 (0: onnxruntime's default), not {self.threads}")
+        if self.ab_repeats < 2:
+            raise BadInputError(f"--ab-repeats must be >= 2 (the interval spans independent compares), not {self.ab_repeats}")
+        if self.cuda_graph and self.device != "cuda":
+            raise BadInputError("--cuda-graph needs --device cuda")
         for tol in (self.tolerance, *self.output_tolerances.values()):
             if not (tol.rtol >= 0 and tol.atol >= 0):
                 raise BadInputError("tolerances (--rtol, --atol, --tolerance) must be >= 0")
+
+    @property
+    def allows_contrib_ops(self) -> bool:
+        """False with --no-ort-fusions: no com.microsoft op in the output."""
+        return not self.no_ort_fusions
+
+    @property
+    def uses_ort_fusions(self) -> bool:
+        if self.no_ort_fusions or self.ort_fusions == "off":
+            return False
+        return self.ort_fusions == "on" or self.device == "cuda"
+
+    @property
+    def deployment_setting(self) -> str:
+        if self.device == "cuda":
+            return "cuda, " + ("CUDA-graph replay" if self.cuda_graph else "plain runs (no CUDA graph)")
+        return f"cpu, {self.threads} intra-op thread{'s' if self.threads != 1 else ''}" if self.threads else \
+            "cpu, onnxruntime's default threads"
 
     @property
     def method(self) -> str:
@@ -120,10 +170,28 @@ class OptimizeConfig:
 
 @dataclass
 class OptimizeResult:
-    model: onnx.ModelProto  # the verified, constant-folded optimised model
+    model: onnx.ModelProto  # what is written: the chosen verified candidate, or the input unchanged (fallback)
     report: dict[str, Any]
-    graph: Graph
+    graph: Graph  # the search's best graph (before onnxruntime's stages)
     search: SearchResult
+
+    @property
+    def unchanged(self) -> bool:
+        """The never-slower guarantee fell back: the model is the input, unchanged."""
+        return bool(self.report.get("guarantee", {}).get("fallback"))
+
+
+# Rules whose output holds com.microsoft ops; --no-ort-fusions keeps them out of the engine.
+CONTRIB_RULES = ("fuse-multihead-attention", "fuse-packed-qkv-attention")
+AB_SECONDS = 2.0  # per compare of the final A/B; `ab_repeats` of them per candidate
+
+
+def without_contrib_rules(engine: RewriteEngine) -> RewriteEngine:
+    kept = tuple(r for r in engine.rules if r.name not in CONTRIB_RULES)
+    if len(kept) == len(engine.rules):
+        return engine
+    allowed = None if engine.allowed is None else [n for n in engine.allowed if n not in CONTRIB_RULES]
+    return RewriteEngine(kept, allowed)
 
 
 def optimize(
@@ -131,22 +199,39 @@ def optimize(
     config: OptimizeConfig = OptimizeConfig(),
     latency_service: LatencyService | None = None,
     engine: RewriteEngine | None = None,
+    deployment_service: Any = None,
+    cuda_probe: Any = None,
 ) -> OptimizeResult:
-    """Search for a faster equivalent graph, export it (constants folded) and verify it on the CPU EP."""
+    """The pipeline: xrlflow's rewrites (search), then onnxruntime's transformers fusions, then float16 if asked;
+    each stage's output verified against the input (a stage whose output does not verify is dropped with a
+    warning); then the final A/B of each verified candidate against the user's file in the deployment setting,
+    which writes the fastest one measured faster, or the input unchanged (never slower).
+
+    `deployment_service` (anything with `compare_models`, see `guarantee.ComparesModels`) runs the final A/B;
+    by default the measured service in `config`'s deployment setting, or `latency_service` when it can
+    compare models. `cuda_probe` measures the CUDA-graph advice (`CudaGraphProbe`)."""
     from xrlflow.rules import CANONICAL_RULES, RULE_FINGERPRINT, select_rules
 
     started = time.perf_counter()
     config.validate()
     engine = engine or RewriteEngine(select_rules(config.rules, config.disable_rules))
+    if not config.allows_contrib_ops:
+        engine = without_contrib_rules(engine)
     model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else read_model(model_or_path)
-    loaded = load_graph(model, config.input_shapes)
+    loaded = load_graph(model, config.input_shapes, upgrade=config.upgrade_opset)
+    warnings: list[str] = []
+    notes: list[str] = []
+    upgrade_note = opset_upgrade_note(loaded)
+    if upgrade_note:
+        notes.append(upgrade_note)
     canonical_rules = [r for r in CANONICAL_RULES if r in engine.rule_index]
     graph = prepare_for_search(loaded, engine, canonical_rules)  # e.g. BatchNorm folded, as training sees it
     feeds, feeds_source = _feeds(config, model)
     tolerance = tolerances_by_output(config, model)
-    warnings: list[str] = []
     expected, cannot_run = _reference_outputs(model, feeds, warnings)
+    reference_feeds = feeds  # `feeds` becomes the deciding verification's (maybe at a second binding)
     kind, service = config.latency, latency_service
+    own_service = service is None
     if service is None:
         kind, service = _latency_service(config, model, graph, cannot_run, warnings)
 
@@ -165,23 +250,55 @@ def optimize(
     failed = not verification.ok and not verification.skipped
     broken = name_breaking_rewrite(model, graph, graph is not loaded, canonical_rules, path, result.applied, feeds,
                                    tolerance, verification.reason) if failed else None
-    latency = latency_section(result, service, paired_timing=verification.ok and kind == "measured")
+
+    stages: list[dict[str, Any]] = [_xrlflow_stage_entry(model, optimised, result, verification)]
+    candidates: list[Candidate] = [Candidate("xrlflow rewrites", optimised)] if broken is None else []
+    if broken is None:
+        candidates += _onnxruntime_stages(config, model, optimised, verification, expected, cannot_run, feeds,
+                                          tolerance, warnings, stages)
+    stages_done = time.perf_counter()
+
+    if deployment_service is None and own_service and kind == "measured" and broken is None and verification.ok:
+        deployment_service = _deployment_service(config)
+    elif deployment_service is None and isinstance(service, ComparesModels):
+        deployment_service = service
+    shapes = _output_shapes(graph, reference_feeds, model, expected) \
+        if verification.ok and (deployment_service is not None or config.device == "cuda") else None
+    try:
+        chosen, guarantee = _guarantee(config, model, graph, candidates, deployment_service, verification, kind, shapes)
+        _stage_gains(stages, candidates, service, config, result.initial_latency)
+        advice = None
+        if config.device == "cuda" and broken is None and (cuda_probe is not None or (own_service and kind == "measured")):
+            advice = _cuda_advice(config, model, chosen.model if chosen else model, graph, cuda_probe, shapes)
+    finally:
+        if own_service and deployment_service is not None and deployment_service is not service:
+            close_service(deployment_service)
+    written = chosen.model if chosen is not None else (model if guarantee.get("fallback") else optimised)
+    latency = latency_section(result, service, paired_timing=verification.ok and kind == "measured"
+                              and not guarantee.get("checked"))
+    if guarantee.get("checked"):
+        latency = _deployment_latency(latency, chosen, guarantee, config)
+    if own_service:
+        close_service(service)  # its worker process and cache connection
     finished = time.perf_counter()
     report = build_report(
         source=str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else "<ModelProto>",
-        model_or_path=model_or_path, model=model, optimised=optimised, config=config, engine=engine,
+        model_or_path=model_or_path, model=model, optimised=written, config=config, engine=engine,
         service=service, result=result, path=path, canonicalised=graph is not loaded,
         canonical_rules=canonical_rules, registry_fingerprint=RULE_FINGERPRINT, latency=latency, warnings=warnings,
         verification=verification, tolerance=tolerance, feeds_source=feeds_source, other_check=other_check,
-        broken=broken, times={
+        broken=broken, stages=stages, guarantee=guarantee, advice=advice, notes=notes,
+        opset_upgrade=({"from": loaded.context.upgraded_from_opset, "to": loaded.context.opset}
+                       if upgrade_note else None),
+        times={
             "export": verify_started - export_started, "verify": verified - verify_started,
-            "final_measurement": finished - verified, "total": finished - started,
+            "stages": stages_done - verified, "final_measurement": finished - stages_done, "total": finished - started,
         },
     )
     if broken is not None:
         where = f"rewrite #{broken['index']} ({broken['rule']} on {', '.join(broken['bound_nodes'])})" if broken["index"] else broken["rule"]
         raise VerificationError(f"the optimised model does not verify: {verification.reason}; first broken by {where}", report)
-    return OptimizeResult(optimised, report, result.best, result)
+    return OptimizeResult(written, report, result.best, result)
 
 
 # ---- the pipeline's steps ------------------------------------------------------------------------------------
@@ -217,6 +334,8 @@ def _reference_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
     """The input's outputs on the verification feeds, or (None, why) when onnxruntime cannot run it."""
     try:
         return run_model(model, feeds), ""
+    except OnnxRuntimeMissingError:
+        raise  # no onnxruntime at all: one line, exit 2, not an "unverified" output
     except Exception as exc:  # an op onnxruntime lacks (custom domain), or a model it refuses
         cannot_run = first_line(exc)
         if "ShapeInferenceError" in cannot_run or "TypeInferenceError" in cannot_run:
@@ -260,6 +379,309 @@ def _plain_cuda_service(service: Any) -> LatencyService:
 
     config = service.config
     return MeasuredLatency(dataclasses.replace(config, session=dataclasses.replace(config.session, cuda_graph=False)))
+
+
+# ---- the stages after the search ------------------------------------------------------------------------------
+def _xrlflow_stage_entry(model: onnx.ModelProto, optimised: onnx.ModelProto, result: SearchResult,
+                         verification: VerifyReport) -> dict[str, Any]:
+    from collections import Counter
+
+    return {
+        "name": "xrlflow rewrites", "applied": True, "verified": verification.ok,
+        "rewrites": dict(Counter(m.rule for m in result.applied).most_common()),
+        "nodes": [len(model.graph.node), len(optimised.graph.node)],
+        "note": f"{len(result.applied)} rewrite(s) by the {result.method} search",
+    }
+
+
+def _onnxruntime_stages(
+    config: OptimizeConfig, model: onnx.ModelProto, optimised: onnx.ModelProto, verification: VerifyReport,
+    expected: list[np.ndarray] | None, cannot_run: str, feeds: dict[str, np.ndarray],
+    tolerance: dict[str, Tolerance], warnings: list[str], stages: list[dict[str, Any]],
+) -> list[Candidate]:
+    """onnxruntime's transformers fusions, then float16: each stage verified, kept (a candidate) or dropped."""
+    from xrlflow.ort_stages import FLOAT16_TOLERANCE, OrtFusionOptions, float16_stage, ort_transformer_fusions, verify_float16
+
+    candidates: list[Candidate] = []
+    current = optimised
+    if not verification.ok:
+        why = "the input could not be verified" if verification.skipped else "xrlflow's output did not verify"
+        for name, wanted in (("onnxruntime fusions", config.uses_ort_fusions), ("float16", config.float16)):
+            if wanted:
+                stages.append({"name": name, "applied": False, "verified": None, "note": f"skipped: {why}"})
+        return candidates
+    if config.uses_ort_fusions:
+        stage = ort_transformer_fusions(current, OrtFusionOptions(use_gpu=config.device == "cuda"))
+        entry: dict[str, Any] = {"name": "onnxruntime fusions", "applied": False, "verified": None,
+                                 "fused": dict(stage.fused), "note": stage.note,
+                                 "nodes": [len(current.graph.node), len(stage.model.graph.node)]}
+        if stage.warning:
+            warnings.append(stage.warning)
+            entry["warning"] = stage.warning
+        if stage.changed:
+            check, _, _ = _verify(config, model, stage.model, expected, cannot_run, feeds, tolerance, warnings)
+            entry["verified"] = check.ok
+            if check.ok:
+                entry["applied"] = True
+                current = stage.model
+                candidates.append(Candidate("+ onnxruntime fusions", current))
+            else:
+                entry["dropped"] = check.reason
+                warnings.append(f"onnxruntime's fusions were dropped: their output does not verify ({check.reason})")
+        stages.append(entry)
+    if config.float16:
+        stage = float16_stage(current)
+        entry = {"name": "float16", "applied": False, "verified": None, "note": stage.note,
+                 "tolerance": [FLOAT16_TOLERANCE.rtol, FLOAT16_TOLERANCE.atol]}
+        if stage.warning:
+            warnings.append(stage.warning)
+            entry["warning"] = stage.warning
+        if stage.changed:
+            providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if config.device == "cuda" else ("CPUExecutionProvider",)
+            # against the fp32 ORIGINAL, not the previous stage: the tolerance is spent once
+            check = verify_float16(model, stage.model, FLOAT16_TOLERANCE, config.input_shapes,
+                                   config.search_config.seed, providers)
+            entry["verified"] = check.ok
+            entry["verification"] = check.to_dict()
+            if check.ok:
+                entry["applied"] = True
+                candidates.append(Candidate("+ float16", stage.model))
+            else:
+                entry["dropped"] = check.reason
+                warnings.append(f"the float16 stage was dropped: it does not verify at fp16 tolerances ({check.reason})")
+        stages.append(entry)
+    return candidates
+
+
+def with_bound_shapes(model: onnx.ModelProto, specs: Any,
+                      output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+    """A copy whose graph inputs carry the bound shapes and whose outputs carry static shapes (a CUDA-graph
+    session binds its outputs once): `output_shapes` where known (the input's outputs at this binding, which
+    every verified candidate reproduces), else what onnx's shape inference finds."""
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    shapes = {s.name: s.shape for s in specs}
+    for vi in bound.graph.input:
+        if vi.name in shapes:
+            _set_dims(vi, shapes[vi.name])
+    if output_shapes is not None and all(vi.name in output_shapes for vi in bound.graph.output):
+        for vi in bound.graph.output:
+            _set_dims(vi, output_shapes[vi.name])
+        return bound
+    if not fits_in_protobuf(bound):
+        return bound
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=False)
+    except Exception:  # a model onnx cannot infer: outputs as they were
+        return bound
+    by_name = {vi.name: vi for vi in inferred.graph.output}
+    for vi in bound.graph.output:
+        dims = by_name[vi.name].type.tensor_type.shape.dim if vi.name in by_name else ()
+        if dims and all(d.HasField("dim_value") for d in dims):
+            vi.type.tensor_type.shape.CopyFrom(by_name[vi.name].type.tensor_type.shape)
+    return bound
+
+
+def _set_dims(vi: onnx.ValueInfoProto, shape: Sequence[int]) -> None:
+    dims = vi.type.tensor_type.shape.dim
+    del dims[:]
+    for d in shape:
+        dims.add().dim_value = int(d)
+
+
+def _output_shapes(graph: Graph, feeds: Mapping[str, np.ndarray], model: onnx.ModelProto,
+                   expected: Sequence[np.ndarray] | None) -> dict[str, tuple[int, ...]] | None:
+    from xrlflow.measure import input_specs
+
+    try:
+        specs = input_specs(graph)
+    except BadInputError:  # an unbound dim: nothing is measured at a binding
+        return None
+    return output_shapes_at(specs, feeds, [o.name for o in model.graph.output], expected)
+
+
+def output_shapes_at(specs: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str],
+                     outputs: Sequence[np.ndarray] | None) -> dict[str, tuple[int, ...]] | None:
+    """The input model's output shapes at the search's binding, when the verification feeds were at it."""
+    if outputs is None or any(s.name not in feeds or tuple(feeds[s.name].shape) != tuple(s.shape) for s in specs):
+        return None
+    return {name: tuple(np.shape(out)) for name, out in zip(names, outputs)}
+
+
+def _deployment_service(config: OptimizeConfig) -> Any:
+    """The measured service in the user's deployment setting, uncached: the final A/B never reads an old entry."""
+    from xrlflow.measure import MeasureConfig, MeasuredLatency
+
+    return MeasuredLatency(MeasureConfig.create(
+        device=config.device, intra_op_threads=config.threads, cuda_graph=config.cuda_graph, cache_path="",
+        max_seconds=AB_SECONDS, seed=config.search_config.seed,
+    ))
+
+
+def _search_setting(service: Any) -> str:
+    measure = getattr(service, "config", None)
+    return getattr(measure, "setting", None) or getattr(service, "name", "?")
+
+
+def _guarantee(config: OptimizeConfig, model: onnx.ModelProto, graph: Graph, candidates: list[Candidate],
+               ab_service: Any, verification: VerifyReport, kind: str,
+               output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[Candidate | None, dict[str, Any]]:
+    """The candidate to write and the report's guarantee entry. With a service that can compare models, each
+    verified candidate is A/B-timed against the user's file (bound to the search's shapes) in the deployment
+    setting; the fastest measured faster wins, else the input is written unchanged."""
+    from xrlflow.measure import input_specs
+
+    last = candidates[-1] if candidates else None
+    # a caller's measured service states its own setting; a fake one stands in for the configured setting
+    setting = getattr(getattr(ab_service, "config", None), "setting", None) or config.deployment_setting
+    entry: dict[str, Any] = {"deployment_setting": setting, "checked": False, "fallback": False}
+    if not verification.ok:
+        entry["message"] = "not checked: the output is not verified"
+        return last, entry
+    if ab_service is None or not isinstance(ab_service, ComparesModels):
+        entry["message"] = ("not checked: latencies come from the cost model (--latency measured checks it)"
+                            if kind != "measured" else "not checked: the latency service cannot compare models")
+        return last, entry
+    specs = input_specs(graph)
+    before = with_bound_shapes(model, specs, output_shapes).SerializeToString()
+
+    def measure(candidate: Candidate):
+        after = with_bound_shapes(candidate.model, specs, output_shapes).SerializeToString()
+        return repeated_ab(lambda swapped: ab_service.compare_models(*((after, specs, before, specs) if swapped
+                                                                       else (before, specs, after, specs))),
+                           config.ab_repeats)
+
+    choice = choose_candidate(candidates, measure)
+    entry.update(
+        checked=True, fallback=choice.chosen is None, chosen=choice.chosen.name if choice.chosen else "the input",
+        message=choice.message(),
+        candidates=[{"name": c.name, **(c.ab.to_dict() if c.ab else {})} for c in choice.candidates],
+        rule="a candidate is written only when the 95% interval of its speedup over the input lies above 1; "
+             "the fastest such candidate wins, else the input is written unchanged",
+    )
+    return choice.chosen, entry
+
+
+def _stage_gains(stages: list[dict[str, Any]], candidates: list[Candidate], service: Any, config: OptimizeConfig,
+                 initial: Any) -> None:
+    """Each kept stage's latency before/after: measured speedups over the input (final A/B) when there are,
+    else the cost model's estimates (a deterministic service) where it can price the stage's output."""
+    kept = [s for s in stages if s.get("applied")]
+    by_name = {"xrlflow rewrites": "xrlflow rewrites", "onnxruntime fusions": "+ onnxruntime fusions", "float16": "+ float16"}
+    measured = {c.name: c.ab for c in candidates if c.ab is not None and c.ab.ok}
+    previous_ms: float | None = None
+    for stage in kept:
+        ab = measured.get(by_name.get(stage["name"], ""))
+        if ab is not None:
+            # the input's median over the compares, over the paired speedup: what this stage's output runs in
+            after = ab.before_ms / ab.speedup
+            stage["latency_ms"] = {"before": previous_ms if previous_ms is not None else ab.before_ms, "after": after,
+                                   "source": "final A/B (deployment setting)", "speedup_over_input": ab.speedup,
+                                   "interval": [ab.low, ab.high], "measured_faster": ab.faster}
+            previous_ms = after
+    if measured or not getattr(service, "deterministic", False):
+        return
+    models = {c.name: c.model for c in candidates}
+    previous: float | None = initial.ms if initial.ok else None
+    for stage in kept:
+        candidate = models.get(by_name.get(stage["name"], ""))
+        estimate = _estimate(service, candidate, config) if candidate is not None else None
+        if estimate is not None:
+            stage["latency_ms"] = {"before": previous, "after": estimate, "source": f"estimate ({service.name})"}
+        previous = estimate
+
+
+def _estimate(service: Any, model: onnx.ModelProto, config: OptimizeConfig) -> float | None:
+    try:
+        latency = service.latency(load_graph(model, config.input_shapes))
+    except Exception:  # an op the IR or the cost model cannot take (contrib, float16): a report line, never a failure
+        return None
+    return latency.ms if latency.ok else None
+
+
+def _deployment_latency(section: dict[str, Any], chosen: Candidate | None, guarantee: dict[str, Any],
+                        config: OptimizeConfig) -> dict[str, Any]:
+    """The latency section from the final A/B: before is the user's file, after what is written."""
+    search = {"setting": section.get("setting"), "before": section["before"], "after": section["after"],
+              "speedup": section["speedup"], "speedup_method": section["speedup_method"]}
+    measured = [c for c in guarantee.get("candidates", ()) if c.get("ok")]
+    base = measured[0]["before_ms"] if measured else float("nan")
+    ab = chosen.ab if chosen is not None else None
+
+    def point(ms: float) -> dict[str, Any]:
+        return {"ms": ms, "low_ms": ms, "high_ms": ms, "runs": 0, "source": "final A/B", "ok": ms == ms}
+
+    before = point(ab.before_ms if ab else base)
+    after = point(ab.before_ms / ab.speedup) if ab else before
+    return {
+        "before": before, "after": after, "interval_label": "median over the A/B compares",
+        "speedup": ab.speedup if ab else 1.0, "speedup_low": ab.low if ab else None,
+        "speedup_high": ab.high if ab else None,
+        "speedup_method": (f"{config.ab_repeats} independent interleaved A/B compares against the input file "
+                           f"({guarantee['deployment_setting']}), 95% t-interval" if ab else
+                           "the input written unchanged (no candidate measured faster)"),
+        "deployment_setting": guarantee["deployment_setting"], "search": search,
+    }
+
+
+# ---- CUDA-graph advice ---------------------------------------------------------------------------------------
+class CudaGraphProbe:
+    """Latency of a serialised model with and without CUDA-graph replay, and its node placement (measured
+    services in the deployment setting's threads, uncached)."""
+
+    def __init__(self, config: OptimizeConfig) -> None:
+        from xrlflow.measure import MeasureConfig, MeasuredLatency
+
+        def make(cuda_graph: bool) -> Any:
+            return MeasuredLatency(MeasureConfig.create(device="cuda", cuda_graph=cuda_graph, cache_path="",
+                                                        max_seconds=AB_SECONDS, seed=config.search_config.seed))
+
+        self.services = {False: make(False), True: make(True)}
+
+    def latency(self, model: bytes, specs: Any, cuda_graph: bool) -> Any:
+        return self.services[cuda_graph].measure_model(model, specs)
+
+    def placement(self, model: bytes, specs: Any) -> Any:
+        return self.services[False].node_placement(model, specs)
+
+    def close(self) -> None:
+        for service in self.services.values():
+            service.close()
+
+
+SNIPPET_MODEL = "model.opt.onnx"  # the snippet's model path until the CLI knows the output's
+
+
+def _cuda_advice(config: OptimizeConfig, model: onnx.ModelProto, written: onnx.ModelProto, graph: Graph,
+                 probe: Any, output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    from xrlflow.measure import input_specs
+
+    own = probe is None
+    probe = probe or CudaGraphProbe(config)
+    try:
+        specs = input_specs(graph)
+        models = {"input": with_bound_shapes(model, specs, output_shapes),
+                  "output": with_bound_shapes(written, specs, output_shapes)}
+        latencies = {}
+        for name, proto in models.items():
+            data = proto.SerializeToString()
+            latencies[name] = {mode: dataclasses.asdict(probe.latency(data, specs, mode == "cuda_graph"))
+                               for mode in ("plain", "cuda_graph")}
+        placement = probe.placement(models["output"].SerializeToString(), specs)
+    finally:
+        if own:
+            probe.close()
+    np_name = lambda elem: onnx.helper.tensor_dtype_to_np_dtype(elem).name  # noqa: E731
+    inputs = [(s.name, np_name(s.elem_type), s.shape) for s in specs]
+    outputs = []
+    for vi in models["output"].graph.output:
+        tt = vi.type.tensor_type
+        outputs.append((vi.name, np_name(tt.elem_type), tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)))
+    advice = cuda_graph_advice(latencies, placement, SNIPPET_MODEL, inputs, outputs, 0)
+    if advice["snippet"] is not None and any(d < 0 for _, _, shape in outputs for d in shape):
+        advice["snippet"] = None
+        advice["message"] += " (not shown: an output's shape is not static at the bound input shapes)"
+    return advice
 
 
 def _search(config: OptimizeConfig, graph: Graph, engine: RewriteEngine, service: LatencyService) -> SearchResult:

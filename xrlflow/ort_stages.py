@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from xrlflow.onnx_io import fits_in_protobuf
+from xrlflow.runtime import OnnxRuntimeMissingError
 from xrlflow.verify import Tolerance, VerifyReport, first_line, random_inputs, run_model, verify_against
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -267,6 +268,8 @@ def verify_float16(
     feeds = random_inputs(reference, input_shapes, seed)
     try:
         expected = run_model(reference, feeds)
+    except OnnxRuntimeMissingError:
+        raise
     except Exception as exc:
         return VerifyReport(False, reason=f"onnxruntime cannot run the original: {first_line(exc)}", skipped=True)
     names = [o.name for o in reference.graph.output]
@@ -278,7 +281,9 @@ def verify_float16(
 
 
 def _verify_on(names, expected, candidate, feeds, tolerance, providers) -> VerifyReport:
-    import onnxruntime as ort
+    from xrlflow.runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
 
     from xrlflow.verify import compare_outputs
 

@@ -71,12 +71,27 @@ def format_summary(report: Mapping[str, Any]) -> str:
     """The table `xrlflow optimize` prints: latency, speedup, rewrites by rule, op counts, time split."""
     lat = report["latency"]
     lines = [f"xrlflow optimize: {report['input']} ({report['method']}, latency: {report['latency_service']})"]
-    rows = [
-        (f"latency before ({_latency_label(lat)})", format_latency(lat["before"])),
-        (f"latency after  ({_latency_label(lat)})", format_latency(lat["after"])),
+    label = lat.get("interval_label")
+    if label:  # the final A/B in the deployment setting: medians, the interval is the speedup's
+        rows = [
+            ("latency before (input file)", f"{_fmt_ms(lat['before']['ms'])} ms ({label})"),
+            ("latency after", f"{_fmt_ms(lat['after']['ms'])} ms"),
+        ]
+    else:
+        rows = [
+            (f"latency before ({_latency_label(lat)})", format_latency(lat["before"])),
+            (f"latency after  ({_latency_label(lat)})", format_latency(lat["after"])),
+        ]
+    rows += [
         ("speedup", _format_speedup(lat)),
         ("rewrites applied", str(len(report["rewrites"]))),
     ]
+    guarantee = report.get("guarantee") or {}
+    if lat.get("deployment_setting"):
+        search = lat.get("search") or {}
+        rows.append(("measured in", f"search: {search.get('setting') or '-'}; final A/B: {lat['deployment_setting']}"))
+    if guarantee:
+        rows.append(("never slower", ("FELL BACK: " if guarantee.get("fallback") else "") + guarantee.get("message", "")))
     if report.get("canonicalised"):
         rows.append(("canonicalised first", ", ".join(report["canonical_rules"]) + " (applied exhaustively)"))
     times = report["time_s"]
@@ -100,6 +115,22 @@ def format_summary(report: Mapping[str, Any]) -> str:
     lines += _rows_to_text(rows)
     for warning in report.get("warnings") or ():
         lines.append(f"  WARNING: {warning}")
+    stages = report.get("stages") or []
+    if stages:
+        lines.append("  stages:")
+        for stage in stages:
+            lines.append(f"    {stage['name']:<22} {_stage_text(stage)}")
+    advice = report.get("advice")
+    if advice:
+        lines.append("  CUDA graph:")
+        for which in ("input", "output"):
+            entry = (advice.get("latency") or {}).get(which) or {}
+            lines.append(f"    {which:<8} plain {format_latency(entry.get('plain'))}; replayed "
+                         f"{format_latency(entry.get('cuda_graph'))}")
+        lines.append(f"    {advice.get('message', '')}")
+        if advice.get("snippet"):
+            lines.append("    snippet (also in the report):")
+            lines += ["      " + ln for ln in advice["snippet"].rstrip().splitlines()]
     by_rule = report.get("rewrites_by_rule") or {}
     if by_rule:
         lines.append("  rewrites by rule:")
@@ -117,6 +148,24 @@ def format_summary(report: Mapping[str, Any]) -> str:
             f"{broken['reason']}"
         )
     return "\n".join(lines)
+
+
+def _stage_text(stage: Mapping[str, Any]) -> str:
+    if not stage.get("applied"):
+        state = f"DROPPED ({stage['dropped']})" if stage.get("dropped") else (stage.get("note") or "not applied")
+        return state
+    fused = stage.get("fused") or stage.get("rewrites") or {}
+    what = ", ".join(f"{n} {op}" for op, n in fused.items()) or stage.get("note", "")
+    nodes = stage.get("nodes")
+    text = f"verified; {what}" + (f"; nodes {nodes[0]} -> {nodes[1]}" if nodes else "")
+    lat = stage.get("latency_ms")
+    if lat:
+        before = _fmt_ms(lat["before"]) if lat.get("before") is not None else "-"
+        text += f"; {before} -> {_fmt_ms(lat['after'])} ms ({lat['source']})"
+        if "speedup_over_input" in lat:
+            low, high = lat["interval"]
+            text += f", {lat['speedup_over_input']:.3f}x [{low:.3f}, {high:.3f}] over the input"
+    return text
 
 
 def _jsonable(value: Any) -> Any:
@@ -307,7 +356,9 @@ def latency_section(result: "SearchResult", service: "LatencyService", paired_ti
     from xrlflow.latency import ComparesGraphs
 
     before, after = result.initial_latency, result.best_latency
+    measure = getattr(service, "config", None)
     section: dict[str, Any] = {
+        "setting": getattr(measure, "setting", None) or service.name,
         "before": asdict(before),
         "after": asdict(after),
         "speedup": before.ms / after.ms if after.ok and after.ms > 0 else None,
@@ -352,6 +403,9 @@ def build_report(**parts: Any) -> dict[str, Any]:
             "search": config.search if config.policy is None else None, "policy": config.policy,
             "steps": search.steps, "rollouts": search.rollouts, "budget": search.budget, "alpha": search.alpha,
             "seed": search.seed, "input_shapes": {k: list(v) for k, v in config.input_shapes.items()},
+            "ort_fusions": config.uses_ort_fusions, "float16": config.float16, "threads": config.threads,
+            "cuda_graph": config.cuda_graph, "ab_repeats": config.ab_repeats, "upgrade_opset": config.upgrade_opset,
+            "deployment_setting": config.deployment_setting,
         },
         "latency": parts["latency"],
         "rewrites": rewrite_entries(parts["path"], result.applied),
@@ -375,6 +429,11 @@ def build_report(**parts: Any) -> dict[str, Any]:
             "inputs": parts["feeds_source"], "provider": "CPUExecutionProvider", "other_shapes": parts["other_check"],
         },
         "broken_rewrite": parts["broken"],
+        "stages": parts.get("stages") or [],
+        "guarantee": parts.get("guarantee") or {},
+        "advice": parts.get("advice"),
+        "notes": parts.get("notes") or [],
+        "opset_upgrade": parts.get("opset_upgrade"),
     }
 
 

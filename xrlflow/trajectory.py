@@ -5,7 +5,9 @@ step history, the graphs it has seen, the actions already taken from each seen g
 to a graph must not take the same way out again: that is how it would cycle) and the steps since the
 incumbent last improved (a walk with no improvement for a while has no improving chain left in reach). The env keeps one per episode; the searches in `xrlflow.search`
 (greedy, backtracking, random, a policy's rollouts) keep one per search. Only a strictly lower latency
-replaces the incumbent, so nothing that starts from the input ends slower than it.
+replaces the incumbent, so nothing that starts from the input ends slower than it. A noisy (measured)
+latency replaces it only when its 95% interval lies wholly below the incumbent's (`is_better`): a change
+within noise cannot win by one lucky median.
 """
 
 from __future__ import annotations
@@ -40,7 +42,16 @@ def latency_ms(latency: Latency) -> float:
 
 
 def is_better(candidate: Latency, incumbent: Latency, min_improvement: float = 0.0) -> bool:
-    return latency_ms(candidate) < latency_ms(incumbent) * (1.0 - min_improvement)
+    """The significance rule of every search's acceptance: the candidate's interval must clear the
+    incumbent's (its upper bound below the incumbent's lower bound, less `min_improvement`). A deterministic
+    estimate (a cost model: low == median == high) reduces to a strictly lower median."""
+    if not (candidate.ok and incumbent.ok):
+        return latency_ms(candidate) < latency_ms(incumbent)
+    upper = max(candidate.high_ms, candidate.ms)
+    lower = min(incumbent.low_ms, incumbent.ms)
+    if not (math.isfinite(upper) and math.isfinite(lower)):
+        return latency_ms(candidate) < latency_ms(incumbent) * (1.0 - min_improvement)
+    return upper < lower * (1.0 - min_improvement)
 
 
 def try_apply(engine: RewriteEngine, graph: Graph, match: Match) -> Graph | None:

@@ -17,6 +17,7 @@ import onnx
 
 from xrlflow.cli_options import option
 from xrlflow.errors import BadInputError
+from xrlflow.runtime import OnnxRuntimeMissingError
 
 if TYPE_CHECKING:
     from xrlflow.engine import Match
@@ -75,9 +76,10 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] 
 def run_model(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run on the CPU EP. A model that cannot be one protobuf (over 2 GB, or weights left in external files)
     is written to a temporary folder with external data and onnxruntime is handed the path."""
-    import onnxruntime as ort
-
     from xrlflow.onnx_io import fits_in_protobuf, write_with_external_data
+    from xrlflow.runtime import import_onnxruntime
+
+    ort = import_onnxruntime()  # none installed: OnnxRuntimeMissingError, which no caller turns into "unverified"
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -138,6 +140,8 @@ def verify_models(
         feeds = random_inputs(reference, input_shapes, seed)
     try:
         expected = run_model(reference, feeds)
+    except OnnxRuntimeMissingError:
+        raise
     except Exception as exc:
         return VerifyReport(False, reason=f"onnxruntime cannot run the original: {first_line(exc)}", skipped=True)
     return verify_against([o.name for o in reference.graph.output], expected, candidate, feeds, tolerance)
@@ -160,6 +164,8 @@ def verify_against(
         return VerifyReport(False, reason="output names differ")
     try:
         actual = run_model(candidate, feeds)
+    except OnnxRuntimeMissingError:
+        raise
     except Exception as exc:
         return VerifyReport(False, reason=f"onnxruntime cannot run the rewritten model: {first_line(exc)}")
     report = compare_outputs(names, expected, actual, tolerance)
@@ -204,6 +210,8 @@ def verify_at_other_shapes(
     feeds = random_inputs(model, other_shapes, seed)
     try:
         expected = run_model(model, feeds)
+    except OnnxRuntimeMissingError:
+        raise
     except Exception as exc:
         return f"the input model cannot run at the second binding {dict(other_shapes)} ({first_line(exc)})"
     checked = verify_against([o.name for o in model.graph.output], expected, optimised, feeds, tolerance)
