@@ -3,8 +3,9 @@
 A `SearchState` is one search's incumbent (the best graph, its latency and the matches that lead to it), its
 step history, the graphs it has seen, the actions already taken from each seen graph (a walk that comes back
 to a graph must not take the same way out again: that is how it would cycle) and the steps since the
-incumbent last improved (a walk with no improvement for a while has no improving chain left in reach). The env keeps one per episode; the searches in `xrlflow.search`
-(greedy, backtracking, random, a policy's rollouts) keep one per search. Only a strictly lower latency
+incumbent last improved (a walk with no improvement for a while has no improving chain left in reach).
+The env keeps one per episode; the searches in `xrlflow.search` (greedy, backtracking, random, a policy's
+rollouts) keep one per search. Only a strictly lower latency
 replaces the incumbent, so nothing that starts from the input ends slower than it. A noisy (measured)
 latency replaces it only when its 95% interval lies wholly below the incumbent's (`is_better`): a change
 within noise cannot win by one lucky median.
