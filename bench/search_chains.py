@@ -22,8 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# what bench/results/search_chains.md ran; full:backtrack:all:1000 takes about an hour on 2 cores (3.3 s per expansion)
 DEFAULT_RUNS = ("layer:greedy:all", "layer:backtrack:all:1000", "layer:greedy:chain", "layer:backtrack:chain:1000",
-                "layer:backtrack:nofuse:1000", "layer:backtrack:nofuse:3000", "full:greedy:all", "full:backtrack:all:1000")
+                "layer:backtrack:nofuse:1000", "layer:backtrack:nofuse:3000", "layer:backtrack:all:3000",
+                "full:greedy:all", "full:backtrack:all:100", "full:greedy:chain", "full:backtrack:chain:300")
 FUSION_RULES = ("fuse-multihead-attention", "fuse-packed-qkv-attention")
 
 
