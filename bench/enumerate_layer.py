@@ -36,7 +36,7 @@ class EnumerationError(Exception):
 
 # ---- one-layer graphs (also used by bench/search_chains.py and tests/test_search_chains.py) ----------------
 def one_layer_model(name: str, batch: int = 1, seq: int | None = None):
-    """The zoo model `name` (full dims unless `small`) with each TransformerStack cut to one block, exported with the
+    """The zoo model `name` (full dims) with each TransformerStack cut to one block, exported with the
     zoo's settings (TorchScript exporter, opset, seeded weights and inputs)."""
     from torch import nn
 
