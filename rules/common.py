@@ -9,7 +9,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import onnx
 
-from xrlflow.ir import Graph, GraphEdit, Node, TensorType, make_attributes
+from xrlflow.graph_edit import GraphEdit
+from xrlflow.ir import Graph, Node, TensorType, make_attributes
 
 INT64 = onnx.TensorProto.INT64
 CHAIN_OPS = ("Add", "Mul")  # the associative, commutative binary ops the chain rules regroup

@@ -92,13 +92,13 @@ def test_a_result_measured_slower_is_not_written_the_input_is(tmp_path, capsys):
     # the command line: exit 0, the output equals the input, and it says so
     import xrlflow.optimizer as optimizer_module
 
-    real = optimizer_module._deployment_service
-    optimizer_module._deployment_service = lambda config: slower
+    real = optimizer_module.make_deployment_service
+    optimizer_module.make_deployment_service = lambda config: slower
     try:
         rc = main(["optimize", str(path), "-o", str(out), "--search", "greedy", "--latency", "measured", "--no-progress",
                    "--report", str(report_path), "--ab-repeats", "3"])
     finally:
-        optimizer_module._deployment_service = real
+        optimizer_module.make_deployment_service = real
     printed = capsys.readouterr()
     assert rc == 0
     assert onnx.load(out).SerializeToString() == onnx.load(path).SerializeToString()
@@ -174,7 +174,7 @@ def test_the_measured_models_carry_static_shapes_from_the_inputs_run():
     from onnx import TensorProto, helper
 
     from xrlflow.measure_worker import InputSpec
-    from xrlflow.optimizer import output_shapes_at, with_bound_shapes
+    from xrlflow.guarantee import output_shapes_at, with_bound_shapes
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
@@ -369,9 +369,9 @@ def test_a_missing_onnxruntime_is_one_line_and_exit_2(tmp_path, monkeypatch, cap
 
 
 def test_the_final_ab_never_reads_the_cache():
-    from xrlflow.optimizer import _deployment_service
+    from xrlflow.guarantee import make_deployment_service
 
-    service = _deployment_service(OptimizeConfig(threads=2))
+    service = make_deployment_service(OptimizeConfig(threads=2))
     try:
         assert service.cache is None and service.config.session.intra_op_threads == 2
     finally:

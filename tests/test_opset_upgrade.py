@@ -3,6 +3,7 @@ user's original file; a model the converter cannot convert gets one line naming 
 
 from __future__ import annotations
 
+import re
 import os
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_old_opset_is_upgraded_optimised_and_verified_against_the_original(name,
     output = tmp_path / "out.onnx"
     result = _cli_optimize(source, output)
     assert result.returncode == 0, result.stderr
-    assert "verification                     passed" in result.stdout
+    assert re.search(r"verification\s+passed", result.stdout)
     assert source.read_bytes() == before  # the input file is never rewritten in place
     optimised = onnx.load(str(output))
     assert _opset(optimised) == MIN_OPSET
@@ -193,7 +194,7 @@ def test_external_data_weights_are_the_callers_tensors_not_copies(tmp_path):
     output = tmp_path / "out.onnx"
     result = _cli_optimize(folder / "model.onnx", output)
     assert result.returncode == 0, result.stderr
-    assert "rewrites applied                 1" in result.stdout  # the two MatMuls merged
+    assert re.search(r"rewrites applied\s+1\n", result.stdout)  # the two MatMuls merged
     np.testing.assert_allclose(_run(output, feeds)[0], want[0], rtol=1e-4, atol=1e-5)
 
 
@@ -243,4 +244,4 @@ def test_local_functions_and_subgraphs_are_upgraded_with_the_graph(tmp_path):
     np.testing.assert_array_equal(got[0], want[0])
     source = exporters.save(model, tmp_path / "functions.onnx")
     result = _cli_optimize(source, tmp_path / "out.onnx")
-    assert result.returncode == 0 and "verification                     passed" in result.stdout, result.stderr
+    assert result.returncode == 0 and re.search(r"verification\s+passed", result.stdout), result.stderr

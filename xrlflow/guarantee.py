@@ -12,19 +12,29 @@ session effect and a slot bias).
 A candidate passes when the whole interval of its speedup lies above 1. Of those that pass, the fastest is
 written; when none does, the input is written unchanged.
 
-Also here: the CUDA-graph advice (with and without replay, the nodes that block capture, a session snippet).
-Core room: numpy only; the services are handed in.
+Also here: the pipeline's side of it (the models bound to the search's shapes, the deployment setting's
+measured service, the guarantee's report entry, each stage's latency), and the wording of the CUDA-graph
+advice (with and without replay, the nodes that block capture, a session snippet; measured in advice.py).
+Core room: numpy and onnx; the services are handed in.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
+import onnx
 
+from xrlflow.errors import BadInputError
+from xrlflow.ir import Graph
 from xrlflow.latency import ComparesModels
+from xrlflow.onnx_io import fits_in_protobuf, load_graph
+
+if TYPE_CHECKING:
+    from xrlflow.optimizer import OptimizeConfig
+    from xrlflow.verify import VerifyReport
 
 # Student-t 97.5% quantiles by degrees of freedom (two-sided 95%).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -222,3 +232,179 @@ __all__ = [
     "ABResult", "Candidate", "Choice", "ab_interval", "choose_candidate", "cuda_graph_advice",
     "cuda_graph_snippet", "repeated_ab", "replay_pays", "t975",
 ]
+
+
+# ---- the final A/B in the pipeline ------------------------------------------------------------------------
+AB_SECONDS = 2.0  # per compare of the final A/B; `ab_repeats` of them per candidate
+
+
+def with_bound_shapes(model: onnx.ModelProto, specs: Any,
+                      output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+    """A copy whose graph inputs carry the bound shapes and whose outputs carry static shapes (a CUDA-graph
+    session binds its outputs once): `output_shapes` where known (the input's outputs at this binding, which
+    every verified candidate reproduces), else what onnx's shape inference finds."""
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    shapes = {s.name: s.shape for s in specs}
+    for vi in bound.graph.input:
+        if vi.name in shapes:
+            _set_dims(vi, shapes[vi.name])
+    if output_shapes is not None and all(vi.name in output_shapes for vi in bound.graph.output):
+        for vi in bound.graph.output:
+            _set_dims(vi, output_shapes[vi.name])
+        return bound
+    if not fits_in_protobuf(bound):
+        return bound
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=False)
+    except Exception:  # a model onnx cannot infer: outputs as they were
+        return bound
+    by_name = {vi.name: vi for vi in inferred.graph.output}
+    for vi in bound.graph.output:
+        dims = by_name[vi.name].type.tensor_type.shape.dim if vi.name in by_name else ()
+        if dims and all(d.HasField("dim_value") for d in dims):
+            vi.type.tensor_type.shape.CopyFrom(by_name[vi.name].type.tensor_type.shape)
+    return bound
+
+
+def _set_dims(vi: onnx.ValueInfoProto, shape: Sequence[int]) -> None:
+    dims = vi.type.tensor_type.shape.dim
+    del dims[:]
+    for d in shape:
+        dims.add().dim_value = int(d)
+
+
+def bound_output_shapes(graph: Graph, feeds: Mapping[str, np.ndarray], model: onnx.ModelProto,
+                   expected: Sequence[np.ndarray] | None) -> dict[str, tuple[int, ...]] | None:
+    from xrlflow.measure import input_specs
+
+    try:
+        specs = input_specs(graph)
+    except BadInputError:  # an unbound dim: nothing is measured at a binding
+        return None
+    return output_shapes_at(specs, feeds, [o.name for o in model.graph.output], expected)
+
+
+def output_shapes_at(specs: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str],
+                     outputs: Sequence[np.ndarray] | None) -> dict[str, tuple[int, ...]] | None:
+    """The input model's output shapes at the search's binding, when the verification feeds were at it."""
+    if outputs is None or any(s.name not in feeds or tuple(feeds[s.name].shape) != tuple(s.shape) for s in specs):
+        return None
+    return {name: tuple(np.shape(out)) for name, out in zip(names, outputs)}
+
+
+def make_deployment_service(config: OptimizeConfig) -> Any:
+    """The measured service in the user's deployment setting, uncached: the final A/B never reads an old entry."""
+    from xrlflow.measure import MeasureConfig, MeasuredLatency
+
+    return MeasuredLatency(MeasureConfig.create(
+        device=config.device, intra_op_threads=config.threads, cuda_graph=config.cuda_graph, cache_path="",
+        max_seconds=AB_SECONDS, seed=config.search_config.seed,
+    ))
+
+
+def _search_setting(service: Any) -> str:
+    measure = getattr(service, "config", None)
+    return getattr(measure, "setting", None) or getattr(service, "name", "?")
+
+
+def run_guarantee(config: OptimizeConfig, model: onnx.ModelProto, graph: Graph, candidates: list[Candidate],
+               ab_service: Any, verification: VerifyReport, kind: str,
+               output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[Candidate | None, dict[str, Any]]:
+    """The candidate to write and the report's guarantee entry. With a service that can compare models, each
+    verified candidate is A/B-timed against the user's file (bound to the search's shapes) in the deployment
+    setting; the fastest measured faster wins, else the input is written unchanged."""
+    from xrlflow.measure import input_specs
+
+    last = candidates[-1] if candidates else None
+    # a caller's measured service states its own setting; a fake one stands in for the configured setting
+    setting = getattr(getattr(ab_service, "config", None), "setting", None) or config.deployment_setting
+    entry: dict[str, Any] = {"deployment_setting": setting, "checked": False, "fallback": False}
+    if not verification.ok:
+        entry["message"] = "not checked: the output is not verified"
+        return last, entry
+    if ab_service is None or not isinstance(ab_service, ComparesModels):
+        entry["message"] = ("not checked: latencies come from the cost model (--latency measured checks it)"
+                            if kind != "measured" else "not checked: the latency service cannot compare models")
+        return last, entry
+    specs = input_specs(graph)
+    before = with_bound_shapes(model, specs, output_shapes).SerializeToString()
+
+    def measure(candidate: Candidate):
+        after = with_bound_shapes(candidate.model, specs, output_shapes).SerializeToString()
+        return repeated_ab(lambda swapped: ab_service.compare_models(*((after, specs, before, specs) if swapped
+                                                                       else (before, specs, after, specs))),
+                           config.ab_repeats)
+
+    choice = choose_candidate(candidates, measure)
+    entry.update(
+        checked=True, fallback=choice.chosen is None, chosen=choice.chosen.name if choice.chosen else "the input",
+        message=choice.message(),
+        candidates=[{"name": c.name, **(c.ab.to_dict() if c.ab else {})} for c in choice.candidates],
+        rule="a candidate is written only when the 95% interval of its speedup over the input lies above 1; "
+             "the fastest such candidate wins, else the input is written unchanged",
+    )
+    return choice.chosen, entry
+
+
+def stage_gains(stages: list[dict[str, Any]], candidates: list[Candidate], service: Any, config: OptimizeConfig,
+                 initial: Any) -> None:
+    """Each kept stage's latency before/after: measured speedups over the input (final A/B) when there are,
+    else the cost model's estimates (a deterministic service) where it can price the stage's output."""
+    kept = [s for s in stages if s.get("applied")]
+    by_name = {"xrlflow rewrites": "xrlflow rewrites", "onnxruntime fusions": "+ onnxruntime fusions", "float16": "+ float16"}
+    measured = {c.name: c.ab for c in candidates if c.ab is not None and c.ab.ok}
+    previous_ms: float | None = None
+    for stage in kept:
+        ab = measured.get(by_name.get(stage["name"], ""))
+        if ab is not None:
+            # the input's median over the compares, over the paired speedup: what this stage's output runs in
+            after = ab.before_ms / ab.speedup
+            stage["latency_ms"] = {"before": previous_ms if previous_ms is not None else ab.before_ms, "after": after,
+                                   "source": "final A/B (deployment setting)", "speedup_over_input": ab.speedup,
+                                   "interval": [ab.low, ab.high], "measured_faster": ab.faster}
+            previous_ms = after
+    if measured or not getattr(service, "deterministic", False):
+        return
+    models = {c.name: c.model for c in candidates}
+    previous: float | None = initial.ms if initial.ok else None
+    for stage in kept:
+        candidate = models.get(by_name.get(stage["name"], ""))
+        estimate = _estimate(service, candidate, config) if candidate is not None else None
+        if estimate is not None:
+            stage["latency_ms"] = {"before": previous, "after": estimate, "source": f"estimate ({service.name})"}
+        previous = estimate
+
+
+def _estimate(service: Any, model: onnx.ModelProto, config: OptimizeConfig) -> float | None:
+    try:
+        latency = service.latency(load_graph(model, config.input_shapes))
+    except Exception:  # an op the IR or the cost model cannot take (contrib, float16): a report line, never a failure
+        return None
+    return latency.ms if latency.ok else None
+
+
+def deployment_latency(section: dict[str, Any], chosen: Candidate | None, guarantee: dict[str, Any],
+                        config: OptimizeConfig) -> dict[str, Any]:
+    """The latency section from the final A/B: before is the user's file, after what is written."""
+    search = {"setting": section.get("setting"), "before": section["before"], "after": section["after"],
+              "speedup": section["speedup"], "speedup_method": section["speedup_method"]}
+    measured = [c for c in guarantee.get("candidates", ()) if c.get("ok")]
+    base = measured[0]["before_ms"] if measured else float("nan")
+    ab = chosen.ab if chosen is not None else None
+
+    def point(ms: float) -> dict[str, Any]:
+        return {"ms": ms, "low_ms": ms, "high_ms": ms, "runs": 0, "source": "final A/B", "ok": ms == ms}
+
+    before = point(ab.before_ms if ab else base)
+    after = point(ab.before_ms / ab.speedup) if ab else before
+    return {
+        "before": before, "after": after, "interval_label": "median over the A/B compares",
+        "speedup": ab.speedup if ab else 1.0, "speedup_low": ab.low if ab else None,
+        "speedup_high": ab.high if ab else None,
+        "speedup_method": (f"{config.ab_repeats} independent interleaved A/B compares against the input file "
+                           f"({guarantee['deployment_setting']}), 95% t-interval" if ab else
+                           "the input written unchanged (no candidate measured faster)"),
+        "deployment_setting": guarantee["deployment_setting"], "search": search,
+    }
+

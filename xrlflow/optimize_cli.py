@@ -113,7 +113,7 @@ def write_result(result, output: str | os.PathLike[str], external_data: bool) ->
     """Write the optimised model (atomically) and record it and its size on disk in the report."""
     from xrlflow.onnx_io import save_model
 
-    from xrlflow.optimizer import SNIPPET_MODEL
+    from xrlflow.advice import SNIPPET_MODEL
 
     save_model(result.model, output, external_data=external_data)
     result.report["output"], result.report["written"] = str(output), True

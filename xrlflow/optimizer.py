@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -30,13 +30,14 @@ from xrlflow.latency import ComparesModels, LatencyService, close_service
 from xrlflow.services import DEVICES, LATENCY_KINDS, make_latency_service
 from xrlflow.onnx_io import fits_in_protobuf, load_graph, opset_upgrade_note, parse_input_shapes, read_model, to_model
 from xrlflow.report import build_report, latency_section
-from xrlflow.guarantee import Candidate, choose_candidate, cuda_graph_advice, repeated_ab
+from xrlflow.advice import cuda_advice
+from xrlflow.guarantee import (
+    Candidate, bound_output_shapes, deployment_latency, make_deployment_service, run_guarantee, stage_gains,
+)
+from xrlflow.stages import onnxruntime_stages, verify_output, without_contrib_rules, xrlflow_stage_entry
 from xrlflow.search import SEARCH_METHODS, SearchConfig, SearchResult, policy_search, run_search
 from xrlflow.trajectory import StepCallback, StepRecord
-from xrlflow.verify import (
-    Tolerance, VerifyReport, first_line, load_feeds, name_breaking_rewrite, other_binding, random_inputs, run_model,
-    verify_against, verify_at_other_shapes,
-)
+from xrlflow.verify import Tolerance, first_line, load_feeds, name_breaking_rewrite, random_inputs, run_model
 
 
 class VerificationError(XrlflowError):
@@ -181,19 +182,6 @@ class OptimizeResult:
         return bool(self.report.get("guarantee", {}).get("fallback"))
 
 
-# Rules whose output holds com.microsoft ops; --no-ort-fusions keeps them out of the engine.
-CONTRIB_RULES = ("fuse-multihead-attention", "fuse-packed-qkv-attention")
-AB_SECONDS = 2.0  # per compare of the final A/B; `ab_repeats` of them per candidate
-
-
-def without_contrib_rules(engine: RewriteEngine) -> RewriteEngine:
-    kept = tuple(r for r in engine.rules if r.name not in CONTRIB_RULES)
-    if len(kept) == len(engine.rules):
-        return engine
-    allowed = None if engine.allowed is None else [n for n in engine.allowed if n not in CONTRIB_RULES]
-    return RewriteEngine(kept, allowed)
-
-
 def optimize(
     model_or_path: str | Path | onnx.ModelProto,
     config: OptimizeConfig = OptimizeConfig(),
@@ -209,7 +197,7 @@ def optimize(
 
     `deployment_service` (anything with `compare_models`, see `guarantee.ComparesModels`) runs the final A/B;
     by default the measured service in `config`'s deployment setting, or `latency_service` when it can
-    compare models. `cuda_probe` measures the CUDA-graph advice (`CudaGraphProbe`)."""
+    compare models. `cuda_probe` measures the CUDA-graph advice (`advice.CudaGraphProbe`)."""
     from xrlflow.rules import CANONICAL_RULES, RULE_FINGERPRINT, select_rules
 
     started = time.perf_counter()
@@ -245,31 +233,31 @@ def optimize(
     export_started = time.perf_counter()
     optimised = to_model(result.best, fold_constants=True)
     verify_started = time.perf_counter()
-    verification, feeds, other_check = _verify(config, model, optimised, expected, cannot_run, feeds, tolerance, warnings)
+    verification, feeds, other_check = verify_output(config, model, optimised, expected, cannot_run, feeds, tolerance, warnings)
     verified = time.perf_counter()
     failed = not verification.ok and not verification.skipped
     broken = name_breaking_rewrite(model, graph, graph is not loaded, canonical_rules, path, result.applied, feeds,
                                    tolerance, verification.reason) if failed else None
 
-    stages: list[dict[str, Any]] = [_xrlflow_stage_entry(model, optimised, result, verification)]
+    stages: list[dict[str, Any]] = [xrlflow_stage_entry(model, optimised, result, verification)]
     candidates: list[Candidate] = [Candidate("xrlflow rewrites", optimised)] if broken is None else []
     if broken is None:
-        candidates += _onnxruntime_stages(config, model, optimised, verification, expected, cannot_run, feeds,
+        candidates += onnxruntime_stages(config, model, optimised, verification, expected, cannot_run, feeds,
                                           tolerance, warnings, stages)
     stages_done = time.perf_counter()
 
     if deployment_service is None and own_service and kind == "measured" and broken is None and verification.ok:
-        deployment_service = _deployment_service(config)
+        deployment_service = make_deployment_service(config)
     elif deployment_service is None and isinstance(service, ComparesModels):
         deployment_service = service
-    shapes = _output_shapes(graph, reference_feeds, model, expected) \
+    shapes = bound_output_shapes(graph, reference_feeds, model, expected) \
         if verification.ok and (deployment_service is not None or config.device == "cuda") else None
     try:
-        chosen, guarantee = _guarantee(config, model, graph, candidates, deployment_service, verification, kind, shapes)
-        _stage_gains(stages, candidates, service, config, result.initial_latency)
+        chosen, guarantee = run_guarantee(config, model, graph, candidates, deployment_service, verification, kind, shapes)
+        stage_gains(stages, candidates, service, config, result.initial_latency)
         advice = None
         if config.device == "cuda" and broken is None and (cuda_probe is not None or (own_service and kind == "measured")):
-            advice = _cuda_advice(config, model, chosen.model if chosen else model, graph, cuda_probe, shapes)
+            advice = cuda_advice(config, model, chosen.model if chosen else model, graph, cuda_probe, shapes)
     finally:
         if own_service and deployment_service is not None and deployment_service is not service:
             close_service(deployment_service)
@@ -277,7 +265,7 @@ def optimize(
     latency = latency_section(result, service, paired_timing=verification.ok and kind == "measured"
                               and not guarantee.get("checked"))
     if guarantee.get("checked"):
-        latency = _deployment_latency(latency, chosen, guarantee, config)
+        latency = deployment_latency(latency, chosen, guarantee, config)
     if own_service:
         close_service(service)  # its worker process and cache connection
     finished = time.perf_counter()
@@ -299,6 +287,7 @@ def optimize(
         where = f"rewrite #{broken['index']} ({broken['rule']} on {', '.join(broken['bound_nodes'])})" if broken["index"] else broken["rule"]
         raise VerificationError(f"the optimised model does not verify: {verification.reason}; first broken by {where}", report)
     return OptimizeResult(written, report, result.best, result)
+
 
 
 # ---- the pipeline's steps ------------------------------------------------------------------------------------
@@ -381,308 +370,6 @@ def _plain_cuda_service(service: Any) -> LatencyService:
     return MeasuredLatency(dataclasses.replace(config, session=dataclasses.replace(config.session, cuda_graph=False)))
 
 
-# ---- the stages after the search ------------------------------------------------------------------------------
-def _xrlflow_stage_entry(model: onnx.ModelProto, optimised: onnx.ModelProto, result: SearchResult,
-                         verification: VerifyReport) -> dict[str, Any]:
-    from collections import Counter
-
-    return {
-        "name": "xrlflow rewrites", "applied": True, "verified": verification.ok,
-        "rewrites": dict(Counter(m.rule for m in result.applied).most_common()),
-        "nodes": [len(model.graph.node), len(optimised.graph.node)],
-        "note": f"{len(result.applied)} rewrite(s) by the {result.method} search",
-    }
-
-
-def _onnxruntime_stages(
-    config: OptimizeConfig, model: onnx.ModelProto, optimised: onnx.ModelProto, verification: VerifyReport,
-    expected: list[np.ndarray] | None, cannot_run: str, feeds: dict[str, np.ndarray],
-    tolerance: dict[str, Tolerance], warnings: list[str], stages: list[dict[str, Any]],
-) -> list[Candidate]:
-    """onnxruntime's transformers fusions, then float16: each stage verified, kept (a candidate) or dropped."""
-    from xrlflow.ort_stages import FLOAT16_TOLERANCE, OrtFusionOptions, float16_stage, ort_transformer_fusions, verify_float16
-
-    candidates: list[Candidate] = []
-    current = optimised
-    if not verification.ok:
-        why = "the input could not be verified" if verification.skipped else "xrlflow's output did not verify"
-        for name, wanted in (("onnxruntime fusions", config.uses_ort_fusions), ("float16", config.float16)):
-            if wanted:
-                stages.append({"name": name, "applied": False, "verified": None, "note": f"skipped: {why}"})
-        return candidates
-    if config.uses_ort_fusions:
-        stage = ort_transformer_fusions(current, OrtFusionOptions(use_gpu=config.device == "cuda"))
-        entry: dict[str, Any] = {"name": "onnxruntime fusions", "applied": False, "verified": None,
-                                 "fused": dict(stage.fused), "note": stage.note,
-                                 "nodes": [len(current.graph.node), len(stage.model.graph.node)]}
-        if stage.warning:
-            warnings.append(stage.warning)
-            entry["warning"] = stage.warning
-        if stage.changed:
-            check, _, _ = _verify(config, model, stage.model, expected, cannot_run, feeds, tolerance, warnings)
-            entry["verified"] = check.ok
-            if check.ok:
-                entry["applied"] = True
-                current = stage.model
-                candidates.append(Candidate("+ onnxruntime fusions", current))
-            else:
-                entry["dropped"] = check.reason
-                warnings.append(f"onnxruntime's fusions were dropped: their output does not verify ({check.reason})")
-        stages.append(entry)
-    if config.float16:
-        stage = float16_stage(current)
-        entry = {"name": "float16", "applied": False, "verified": None, "note": stage.note,
-                 "tolerance": [FLOAT16_TOLERANCE.rtol, FLOAT16_TOLERANCE.atol]}
-        if stage.warning:
-            warnings.append(stage.warning)
-            entry["warning"] = stage.warning
-        if stage.changed:
-            providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if config.device == "cuda" else ("CPUExecutionProvider",)
-            # against the fp32 ORIGINAL, not the previous stage: the tolerance is spent once
-            check = verify_float16(model, stage.model, FLOAT16_TOLERANCE, config.input_shapes,
-                                   config.search_config.seed, providers)
-            entry["verified"] = check.ok
-            entry["verification"] = check.to_dict()
-            if check.ok:
-                entry["applied"] = True
-                candidates.append(Candidate("+ float16", stage.model))
-            else:
-                entry["dropped"] = check.reason
-                warnings.append(f"the float16 stage was dropped: it does not verify at fp16 tolerances ({check.reason})")
-        stages.append(entry)
-    return candidates
-
-
-def with_bound_shapes(model: onnx.ModelProto, specs: Any,
-                      output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
-    """A copy whose graph inputs carry the bound shapes and whose outputs carry static shapes (a CUDA-graph
-    session binds its outputs once): `output_shapes` where known (the input's outputs at this binding, which
-    every verified candidate reproduces), else what onnx's shape inference finds."""
-    bound = onnx.ModelProto()
-    bound.CopyFrom(model)
-    shapes = {s.name: s.shape for s in specs}
-    for vi in bound.graph.input:
-        if vi.name in shapes:
-            _set_dims(vi, shapes[vi.name])
-    if output_shapes is not None and all(vi.name in output_shapes for vi in bound.graph.output):
-        for vi in bound.graph.output:
-            _set_dims(vi, output_shapes[vi.name])
-        return bound
-    if not fits_in_protobuf(bound):
-        return bound
-    try:
-        inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=False)
-    except Exception:  # a model onnx cannot infer: outputs as they were
-        return bound
-    by_name = {vi.name: vi for vi in inferred.graph.output}
-    for vi in bound.graph.output:
-        dims = by_name[vi.name].type.tensor_type.shape.dim if vi.name in by_name else ()
-        if dims and all(d.HasField("dim_value") for d in dims):
-            vi.type.tensor_type.shape.CopyFrom(by_name[vi.name].type.tensor_type.shape)
-    return bound
-
-
-def _set_dims(vi: onnx.ValueInfoProto, shape: Sequence[int]) -> None:
-    dims = vi.type.tensor_type.shape.dim
-    del dims[:]
-    for d in shape:
-        dims.add().dim_value = int(d)
-
-
-def _output_shapes(graph: Graph, feeds: Mapping[str, np.ndarray], model: onnx.ModelProto,
-                   expected: Sequence[np.ndarray] | None) -> dict[str, tuple[int, ...]] | None:
-    from xrlflow.measure import input_specs
-
-    try:
-        specs = input_specs(graph)
-    except BadInputError:  # an unbound dim: nothing is measured at a binding
-        return None
-    return output_shapes_at(specs, feeds, [o.name for o in model.graph.output], expected)
-
-
-def output_shapes_at(specs: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str],
-                     outputs: Sequence[np.ndarray] | None) -> dict[str, tuple[int, ...]] | None:
-    """The input model's output shapes at the search's binding, when the verification feeds were at it."""
-    if outputs is None or any(s.name not in feeds or tuple(feeds[s.name].shape) != tuple(s.shape) for s in specs):
-        return None
-    return {name: tuple(np.shape(out)) for name, out in zip(names, outputs)}
-
-
-def _deployment_service(config: OptimizeConfig) -> Any:
-    """The measured service in the user's deployment setting, uncached: the final A/B never reads an old entry."""
-    from xrlflow.measure import MeasureConfig, MeasuredLatency
-
-    return MeasuredLatency(MeasureConfig.create(
-        device=config.device, intra_op_threads=config.threads, cuda_graph=config.cuda_graph, cache_path="",
-        max_seconds=AB_SECONDS, seed=config.search_config.seed,
-    ))
-
-
-def _search_setting(service: Any) -> str:
-    measure = getattr(service, "config", None)
-    return getattr(measure, "setting", None) or getattr(service, "name", "?")
-
-
-def _guarantee(config: OptimizeConfig, model: onnx.ModelProto, graph: Graph, candidates: list[Candidate],
-               ab_service: Any, verification: VerifyReport, kind: str,
-               output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[Candidate | None, dict[str, Any]]:
-    """The candidate to write and the report's guarantee entry. With a service that can compare models, each
-    verified candidate is A/B-timed against the user's file (bound to the search's shapes) in the deployment
-    setting; the fastest measured faster wins, else the input is written unchanged."""
-    from xrlflow.measure import input_specs
-
-    last = candidates[-1] if candidates else None
-    # a caller's measured service states its own setting; a fake one stands in for the configured setting
-    setting = getattr(getattr(ab_service, "config", None), "setting", None) or config.deployment_setting
-    entry: dict[str, Any] = {"deployment_setting": setting, "checked": False, "fallback": False}
-    if not verification.ok:
-        entry["message"] = "not checked: the output is not verified"
-        return last, entry
-    if ab_service is None or not isinstance(ab_service, ComparesModels):
-        entry["message"] = ("not checked: latencies come from the cost model (--latency measured checks it)"
-                            if kind != "measured" else "not checked: the latency service cannot compare models")
-        return last, entry
-    specs = input_specs(graph)
-    before = with_bound_shapes(model, specs, output_shapes).SerializeToString()
-
-    def measure(candidate: Candidate):
-        after = with_bound_shapes(candidate.model, specs, output_shapes).SerializeToString()
-        return repeated_ab(lambda swapped: ab_service.compare_models(*((after, specs, before, specs) if swapped
-                                                                       else (before, specs, after, specs))),
-                           config.ab_repeats)
-
-    choice = choose_candidate(candidates, measure)
-    entry.update(
-        checked=True, fallback=choice.chosen is None, chosen=choice.chosen.name if choice.chosen else "the input",
-        message=choice.message(),
-        candidates=[{"name": c.name, **(c.ab.to_dict() if c.ab else {})} for c in choice.candidates],
-        rule="a candidate is written only when the 95% interval of its speedup over the input lies above 1; "
-             "the fastest such candidate wins, else the input is written unchanged",
-    )
-    return choice.chosen, entry
-
-
-def _stage_gains(stages: list[dict[str, Any]], candidates: list[Candidate], service: Any, config: OptimizeConfig,
-                 initial: Any) -> None:
-    """Each kept stage's latency before/after: measured speedups over the input (final A/B) when there are,
-    else the cost model's estimates (a deterministic service) where it can price the stage's output."""
-    kept = [s for s in stages if s.get("applied")]
-    by_name = {"xrlflow rewrites": "xrlflow rewrites", "onnxruntime fusions": "+ onnxruntime fusions", "float16": "+ float16"}
-    measured = {c.name: c.ab for c in candidates if c.ab is not None and c.ab.ok}
-    previous_ms: float | None = None
-    for stage in kept:
-        ab = measured.get(by_name.get(stage["name"], ""))
-        if ab is not None:
-            # the input's median over the compares, over the paired speedup: what this stage's output runs in
-            after = ab.before_ms / ab.speedup
-            stage["latency_ms"] = {"before": previous_ms if previous_ms is not None else ab.before_ms, "after": after,
-                                   "source": "final A/B (deployment setting)", "speedup_over_input": ab.speedup,
-                                   "interval": [ab.low, ab.high], "measured_faster": ab.faster}
-            previous_ms = after
-    if measured or not getattr(service, "deterministic", False):
-        return
-    models = {c.name: c.model for c in candidates}
-    previous: float | None = initial.ms if initial.ok else None
-    for stage in kept:
-        candidate = models.get(by_name.get(stage["name"], ""))
-        estimate = _estimate(service, candidate, config) if candidate is not None else None
-        if estimate is not None:
-            stage["latency_ms"] = {"before": previous, "after": estimate, "source": f"estimate ({service.name})"}
-        previous = estimate
-
-
-def _estimate(service: Any, model: onnx.ModelProto, config: OptimizeConfig) -> float | None:
-    try:
-        latency = service.latency(load_graph(model, config.input_shapes))
-    except Exception:  # an op the IR or the cost model cannot take (contrib, float16): a report line, never a failure
-        return None
-    return latency.ms if latency.ok else None
-
-
-def _deployment_latency(section: dict[str, Any], chosen: Candidate | None, guarantee: dict[str, Any],
-                        config: OptimizeConfig) -> dict[str, Any]:
-    """The latency section from the final A/B: before is the user's file, after what is written."""
-    search = {"setting": section.get("setting"), "before": section["before"], "after": section["after"],
-              "speedup": section["speedup"], "speedup_method": section["speedup_method"]}
-    measured = [c for c in guarantee.get("candidates", ()) if c.get("ok")]
-    base = measured[0]["before_ms"] if measured else float("nan")
-    ab = chosen.ab if chosen is not None else None
-
-    def point(ms: float) -> dict[str, Any]:
-        return {"ms": ms, "low_ms": ms, "high_ms": ms, "runs": 0, "source": "final A/B", "ok": ms == ms}
-
-    before = point(ab.before_ms if ab else base)
-    after = point(ab.before_ms / ab.speedup) if ab else before
-    return {
-        "before": before, "after": after, "interval_label": "median over the A/B compares",
-        "speedup": ab.speedup if ab else 1.0, "speedup_low": ab.low if ab else None,
-        "speedup_high": ab.high if ab else None,
-        "speedup_method": (f"{config.ab_repeats} independent interleaved A/B compares against the input file "
-                           f"({guarantee['deployment_setting']}), 95% t-interval" if ab else
-                           "the input written unchanged (no candidate measured faster)"),
-        "deployment_setting": guarantee["deployment_setting"], "search": search,
-    }
-
-
-# ---- CUDA-graph advice ---------------------------------------------------------------------------------------
-class CudaGraphProbe:
-    """Latency of a serialised model with and without CUDA-graph replay, and its node placement (measured
-    services in the deployment setting's threads, uncached)."""
-
-    def __init__(self, config: OptimizeConfig) -> None:
-        from xrlflow.measure import MeasureConfig, MeasuredLatency
-
-        def make(cuda_graph: bool) -> Any:
-            return MeasuredLatency(MeasureConfig.create(device="cuda", cuda_graph=cuda_graph, cache_path="",
-                                                        max_seconds=AB_SECONDS, seed=config.search_config.seed))
-
-        self.services = {False: make(False), True: make(True)}
-
-    def latency(self, model: bytes, specs: Any, cuda_graph: bool) -> Any:
-        return self.services[cuda_graph].measure_model(model, specs)
-
-    def placement(self, model: bytes, specs: Any) -> Any:
-        return self.services[False].node_placement(model, specs)
-
-    def close(self) -> None:
-        for service in self.services.values():
-            service.close()
-
-
-SNIPPET_MODEL = "model.opt.onnx"  # the snippet's model path until the CLI knows the output's
-
-
-def _cuda_advice(config: OptimizeConfig, model: onnx.ModelProto, written: onnx.ModelProto, graph: Graph,
-                 probe: Any, output_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
-    from xrlflow.measure import input_specs
-
-    own = probe is None
-    probe = probe or CudaGraphProbe(config)
-    try:
-        specs = input_specs(graph)
-        models = {"input": with_bound_shapes(model, specs, output_shapes),
-                  "output": with_bound_shapes(written, specs, output_shapes)}
-        latencies = {}
-        for name, proto in models.items():
-            data = proto.SerializeToString()
-            latencies[name] = {mode: dataclasses.asdict(probe.latency(data, specs, mode == "cuda_graph"))
-                               for mode in ("plain", "cuda_graph")}
-        placement = probe.placement(models["output"].SerializeToString(), specs)
-    finally:
-        if own:
-            probe.close()
-    np_name = lambda elem: onnx.helper.tensor_dtype_to_np_dtype(elem).name  # noqa: E731
-    inputs = [(s.name, np_name(s.elem_type), s.shape) for s in specs]
-    outputs = []
-    for vi in models["output"].graph.output:
-        tt = vi.type.tensor_type
-        outputs.append((vi.name, np_name(tt.elem_type), tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)))
-    advice = cuda_graph_advice(latencies, placement, SNIPPET_MODEL, inputs, outputs, 0)
-    if advice["snippet"] is not None and any(d < 0 for _, _, shape in outputs for d in shape):
-        advice["snippet"] = None
-        advice["message"] += " (not shown: an output's shape is not static at the bound input shapes)"
-    return advice
-
 
 def _search(config: OptimizeConfig, graph: Graph, engine: RewriteEngine, service: LatencyService) -> SearchResult:
     search = config.search_config
@@ -753,26 +440,6 @@ def search_with_policy(policy_path: str, graph: Graph, engine: RewriteEngine, se
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
-
-
-def _verify(
-    config: OptimizeConfig, model: onnx.ModelProto, optimised: onnx.ModelProto, expected: list[np.ndarray] | None,
-    cannot_run: str, feeds: dict[str, np.ndarray], tolerance: dict[str, Tolerance], warnings: list[str],
-) -> tuple[VerifyReport, dict[str, np.ndarray], dict[str, Any] | None]:
-    """The verification of the output at the search's binding and, when it passes, at a second one; returns the
-    report that decides, its feeds, and the second check's report entry."""
-    if expected is None:
-        return VerifyReport(False, reason=f"onnxruntime cannot run the original: {cannot_run}", skipped=True), feeds, None
-    verification = verify_against([o.name for o in model.graph.output], expected, optimised, feeds, tolerance)
-    other_shapes = other_binding(model, config.input_shapes) if config.check_other_shapes else None
-    if not verification.ok or other_shapes is None:
-        return verification, feeds, None
-    checked = verify_at_other_shapes(model, optimised, other_shapes, tolerance, config.search_config.seed + 1)
-    if isinstance(checked, str):
-        warnings.append(checked)
-        return verification, feeds, None
-    other, other_feeds, entry = checked
-    return (verification, feeds, entry) if other.ok else (other, other_feeds, entry)
 
 
 __all__ = ["OptimizeConfig", "OptimizeResult", "SearchConfig", "VerificationError", "optimize", "search_with_policy"]
