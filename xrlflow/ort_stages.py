@@ -27,8 +27,7 @@ import numpy as np
 import onnx
 
 from xrlflow.onnx_io import fits_in_protobuf
-from xrlflow.runtime import OnnxRuntimeMissingError
-from xrlflow.verify import Tolerance, VerifyReport, first_line, random_inputs, run_model, verify_against
+from xrlflow.verify import Tolerance, VerifyReport, first_line, random_inputs, run_reference, verify_models
 
 CONTRIB_DOMAIN = "com.microsoft"
 # Model types whose fusion onnxruntime's optimizer offers for the transformer families xrlflow sees.
@@ -265,19 +264,13 @@ def verify_float16(
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
 ) -> VerifyReport:
     """The fp16 model against the fp32 original at fp16 tolerances (outputs compared in float32)."""
-    feeds = random_inputs(reference, input_shapes, seed)
-    try:
-        expected = run_model(reference, feeds)
-    except OnnxRuntimeMissingError:
-        raise
-    except Exception as exc:
-        return VerifyReport(False, reason=f"onnxruntime cannot run the original: {first_line(exc)}", skipped=True)
-    names = [o.name for o in reference.graph.output]
     if tuple(providers) == ("CPUExecutionProvider",):
-        report = verify_against(names, expected, candidate, feeds, tolerance)
-    else:
-        report = _verify_on(names, expected, candidate, feeds, tolerance, providers)
-    return report
+        return verify_models(reference, candidate, tolerance=tolerance, input_shapes=input_shapes, seed=seed)
+    feeds = random_inputs(reference, input_shapes, seed)
+    expected, failure = run_reference(reference, feeds)
+    if failure is not None:
+        return failure
+    return _verify_on([o.name for o in reference.graph.output], expected, candidate, feeds, tolerance, providers)
 
 
 def _verify_on(names, expected, candidate, feeds, tolerance, providers) -> VerifyReport:

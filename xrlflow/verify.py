@@ -138,13 +138,20 @@ def verify_models(
     """Run both models on the same inputs (given, or random) and compare their outputs."""
     if feeds is None:
         feeds = random_inputs(reference, input_shapes, seed)
+    expected, failure = run_reference(reference, feeds)
+    if failure is not None:
+        return failure
+    return verify_against([o.name for o in reference.graph.output], expected, candidate, feeds, tolerance)
+
+
+def run_reference(reference: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> tuple[list | None, VerifyReport | None]:
+    """(the original's outputs, None), or (None, a skipped report saying why onnxruntime cannot run it)."""
     try:
-        expected = run_model(reference, feeds)
+        return run_model(reference, feeds), None
     except OnnxRuntimeMissingError:
         raise
     except Exception as exc:
-        return VerifyReport(False, reason=f"onnxruntime cannot run the original: {first_line(exc)}", skipped=True)
-    return verify_against([o.name for o in reference.graph.output], expected, candidate, feeds, tolerance)
+        return None, VerifyReport(False, reason=f"onnxruntime cannot run the original: {first_line(exc)}", skipped=True)
 
 
 def first_line(exc: BaseException) -> str:
