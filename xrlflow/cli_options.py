@@ -120,13 +120,17 @@ def config_from(config_cls: type, values: Mapping[str, Any] | argparse.Namespace
         name = dest(f)
         if name not in values or (values[name] is None and not opt.read):
             continue
-        value = values[name]
-        if opt.negate:
-            value = not value
-        elif opt.read is not None:
-            value = opt.read(value)
-        kwargs[f.name] = value
+        kwargs[f.name] = field_value(opt, values[name])
     return config_cls(**kwargs)
+
+
+def field_value(opt: Any, value: Any) -> Any:
+    """A parsed flag's value as its dataclass field holds it (a negated flag flipped, a reader applied)."""
+    if opt.negate:
+        return not value
+    if opt.read is not None:
+        return opt.read(value)
+    return value
 
 
 def option_names(config_cls: type) -> set[str]:

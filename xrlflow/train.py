@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from xrlflow.agents.gnn_policy import PolicyConfig
-from xrlflow.cli_options import OneLineParser, add_options, config_from, option, run_handler
+from xrlflow.cli_options import OneLineParser, add_options, config_from, field_value, option, run_handler
 from xrlflow.envs import EnvConfig
 from xrlflow.errors import BadInputError
 from xrlflow.services import DEVICES, LATENCY_KINDS, make_latency_service
@@ -345,12 +345,7 @@ def _with_flags(cfg: Any, values: Mapping[str, Any], defaults: Mapping[str, Any]
         name = dest(f)
         if name not in values or values[name] == defaults.get(name):
             continue
-        value = values[name]
-        if opt.negate:
-            value = not value
-        elif opt.read is not None:
-            value = opt.read(value)
-        changes[f.name] = value
+        changes[f.name] = field_value(opt, values[name])
     return dataclasses.replace(cfg, **changes)
 
 
