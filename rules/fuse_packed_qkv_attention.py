@@ -2,7 +2,10 @@
 
 The projection is MatMul(X, W) [+ b] (what merge-parallel-matmul produces), or GPT-2's c_attn as exported
 by torch: Reshape [B*S, in] -> Gemm(W, b) -> Reshape [B, S, 3D]. A Split along the last axis gives Q, K, V,
-and the rest is the attention subgraph fuse-multihead-attention matches. Attention takes X, the merged weight
+and the rest is either the attention subgraph fuse-multihead-attention matches, or a MultiHeadAttention that
+rule already made (so the fusion does not depend on whether the projections were merged before or after the
+attention was fused; the MultiHeadAttention must have no bias, key padding mask or past state, and its
+attention_bias carries over unchanged). Attention takes X, the merged weight
 [in, Dq+Dk+Dv] and bias in Q|K|V column order, so one op replaces the projection GEMM and the attention;
 columns in another order are re-sliced (constant work, folded on export and by onnxruntime).
 
@@ -22,7 +25,7 @@ from xrlflow.engine import Rule
 from xrlflow.ir import Graph, TensorType, make_attributes
 from xrlflow.rules.common import concat, ints_constant, normalize_axis, rewritable, sole_reader, split, split_sizes
 from xrlflow.rules.fuse_multihead_attention import (
-    CONTRIB_DOMAIN, AttentionPattern, attention_bias, finish_output, match_attention,
+    CONTRIB_DOMAIN, AttentionPattern, HeadLayout, attention_bias, finish_output, match_attention,
 )
 
 
@@ -47,7 +50,53 @@ def _bias_of(g: Graph, add, y: str, total: int) -> str | None:
     return other
 
 
-def match_projection(g: Graph, p: AttentionPattern) -> PackedProjection | None:
+@dataclass(frozen=True)
+class QkvOperands:
+    """What `match_projection` needs to know of an attention: where Q, K, V come from, and their sizes."""
+
+    query: HeadLayout
+    key: HeadLayout
+    value: HeadLayout
+    batch: int
+    seq: int
+    kv_seq: int
+
+
+@dataclass(frozen=True)
+class FusedAttention:
+    """A com.microsoft.MultiHeadAttention that fuse-multihead-attention made, read back."""
+
+    node: str
+    operands: QkvOperands
+    attention_bias: str  # "" when there is none
+    scale: float | None  # None: the op's default, 1/sqrt(head size)
+    unidirectional: int
+    output: str
+
+
+def match_fused_attention(g: Graph, node) -> FusedAttention | None:
+    if node.domain != CONTRIB_DOMAIN or len(node.inputs) < 3 or len(node.inputs) > 6:  # contrib ops are opaque
+        return None
+    padded = list(node.inputs) + [""] * (6 - len(node.inputs))
+    if padded[3] or padded[4] or not all(padded[:3]):
+        return None  # a packed bias or a key padding mask has no place in Attention's inputs as they are
+    if any(g.use_count(out) for out in node.outputs[1:] if out):
+        return None
+    shapes = [g.static_shape(v) for v in padded[:3]]
+    heads = int(node.attr("num_heads", 0))
+    if heads <= 0 or any(s is None or len(s) != 3 for s in shapes):
+        return None
+    (batch, seq, dq), (kb, kv_seq, dk), (vb, vs, dv) = shapes  # type: ignore[misc]
+    if batch != kb or batch != vb or kv_seq != vs or dq != dk or dq % heads or dv % heads:
+        return None
+    layouts = [HeadLayout(v, heads, d // heads, 1.0, ()) for v, d in zip(padded[:3], (dq, dk, dv))]
+    scale = node.attr("scale", None)
+    operands = QkvOperands(layouts[0], layouts[1], layouts[2], batch, seq, kv_seq)
+    return FusedAttention(node.name, operands, padded[5], None if scale is None else float(scale),
+                          int(node.attr("unidirectional", 0)), node.outputs[0])
+
+
+def match_projection(g: Graph, p: AttentionPattern | QkvOperands) -> PackedProjection | None:
     sources = (p.query.source, p.key.source, p.value.source)
     split_node = g.producer_of(sources[0])
     if split_node is None or split_node.op_type != "Split" or not rewritable(split_node) or len(split_node.outputs) != 3:
@@ -149,7 +198,8 @@ class FusePackedQkvAttention(Rule):
     description = (
         "Attention whose Q, K, V come from one merged projection (MatMul/Gemm + bias, then Split) -> "
         "com.microsoft.Attention on the merged weights (GPT-2's c_attn, merge-parallel-matmul's result); a "
-        "causal constant mask becomes unidirectional. One op replaces the QKV GEMM and the whole attention."
+        "causal constant mask becomes unidirectional. One op replaces the QKV GEMM and the whole attention; "
+        "a MultiHeadAttention fed by such a Split becomes Attention too."
     )
 
     def find(self, g: Graph) -> Iterator[tuple[tuple[str, ...], tuple[Any, ...]]]:
@@ -160,12 +210,60 @@ class FusePackedQkvAttention(Rule):
             proj = match_projection(g, p)
             if proj is not None:
                 yield p.nodes + proj.nodes, ()
+        for node in g.by_op("MultiHeadAttention"):
+            fused = match_fused_attention(g, node)
+            proj = match_projection(g, fused.operands) if fused is not None else None
+            if proj is not None:
+                yield (node.name,) + proj.nodes, ()
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
-        p = match_attention(g, g.nodes[nodes[0]])
+        first = g.nodes[nodes[0]]
+        if first.op_type == "MultiHeadAttention":
+            return self._rewrite_fused(g, first)
+        p = match_attention(g, first)
         proj = match_projection(g, p) if p is not None else None
         assert p is not None and proj is not None, "fuse-packed-qkv-attention: the match no longer holds"
         e = g.edit(self.name)
+        x, w, b = self._packed_inputs(e, g, proj, p.batch, p.seq)
+        bias_input = attention_bias(e, g, p)
+        inputs = [x, w, b or "", "", "", bias_input]
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        q_hidden = p.query.heads * p.query.head_size
+        v_hidden = p.value.heads * p.value.head_size
+        attrs = make_attributes(
+            num_heads=p.query.heads, scale=float(np.float32(p.scale)), unidirectional=1 if p.causal else None,
+            qkv_hidden_sizes=None if v_hidden == q_hidden else (q_hidden, q_hidden, v_hidden),
+        )
+        out_type = TensorType(g.dtype(p.output), (p.batch, p.seq, v_hidden))
+        (fused,) = e.add("Attention", inputs, [out_type], attrs, domain=CONTRIB_DOMAIN)
+        finish_output(e, g, p, fused)
+        return e.commit()
+
+    def _rewrite_fused(self, g: Graph, node) -> Graph:
+        fused = match_fused_attention(g, node)
+        proj = match_projection(g, fused.operands) if fused is not None else None
+        assert fused is not None and proj is not None, "fuse-packed-qkv-attention: the match no longer holds"
+        e = g.edit(self.name)
+        p = fused.operands
+        x, w, b = self._packed_inputs(e, g, proj, p.batch, p.seq)
+        inputs = [x, w, b or "", "", "", fused.attention_bias]
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        q_hidden = p.query.heads * p.query.head_size
+        v_hidden = p.value.heads * p.value.head_size
+        attrs = make_attributes(
+            num_heads=p.query.heads, scale=fused.scale, unidirectional=fused.unidirectional or None,
+            qkv_hidden_sizes=None if v_hidden == q_hidden else (q_hidden, q_hidden, v_hidden),
+        )
+        out_type = TensorType(g.dtype(fused.output), (p.batch, p.seq, v_hidden))
+        (packed,) = e.add("Attention", inputs, [out_type], attrs, domain=CONTRIB_DOMAIN)
+        e.replace_value(fused.output, packed)
+        return e.commit()
+
+    @staticmethod
+    def _packed_inputs(e, g: Graph, proj: PackedProjection, batch: int, seq: int) -> tuple[str, str, str | None]:
+        """Attention's input [B, S, in], weights [in, Dq+Dk+Dv] and bias, in Q|K|V column order."""
         dtype = g.dtype(proj.x)
         w, b = proj.weight, proj.bias
         if proj.transposed:
@@ -184,19 +282,5 @@ class FusePackedQkvAttention(Rule):
         x = proj.x
         if not proj.x_is_3d:
             in_size = g.static_shape(x)[-1]
-            x = e.add1("Reshape", [x, ints_constant(e, (p.batch, p.seq, in_size))],
-                       TensorType(dtype, (p.batch, p.seq, in_size)))
-        bias_input = attention_bias(e, g, p)
-        inputs = [x, w, b or "", "", "", bias_input]
-        while inputs and not inputs[-1]:
-            inputs.pop()
-        q_hidden = p.query.heads * p.query.head_size
-        v_hidden = p.value.heads * p.value.head_size
-        attrs = make_attributes(
-            num_heads=p.query.heads, scale=float(np.float32(p.scale)), unidirectional=1 if p.causal else None,
-            qkv_hidden_sizes=None if v_hidden == q_hidden else (q_hidden, q_hidden, v_hidden),
-        )
-        out_type = TensorType(g.dtype(p.output), (p.batch, p.seq, v_hidden))
-        (fused,) = e.add("Attention", inputs, [out_type], attrs, domain=CONTRIB_DOMAIN)
-        finish_output(e, g, p, fused)
-        return e.commit()
+            x = e.add1("Reshape", [x, ints_constant(e, (batch, seq, in_size))], TensorType(dtype, (batch, seq, in_size)))
+        return x, w, b

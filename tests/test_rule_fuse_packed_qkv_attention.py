@@ -123,3 +123,70 @@ def test_zoo_transformers_after_merge(zoo_exports, name, layers):
     assert count == layers
     report = verify_models(model, to_model(fused, fold_constants=True), tolerance=Tolerance(1e-4, 1e-4))
     assert report.ok, report.to_dict()
+
+
+# The same fusion when fuse-multihead-attention ran first: MultiHeadAttention fed by the Split of a packed
+# projection becomes Attention (so the order in which a search merges and fuses does not matter).
+
+def _mha_first(model):
+    """fuse-multihead-attention everywhere, then merge-parallel-matmul everywhere: MHA fed by a Split."""
+    fused, _ = fuse_everywhere(load_graph(model), "fuse-multihead-attention")
+    merged, _ = fuse_everywhere(fused, "merge-parallel-matmul")
+    return to_model(merged, fold_constants=False)
+
+
+@pytest.mark.parametrize("spec", [
+    AttentionSpec(packed="matmul", mask="input-b1sl", seed=40),  # input padding mask -> attention_bias
+    AttentionSpec(packed="gemm", scale="qk-sqrt", key="sdpa", mask="bool-inf", nan_guard=True, seed=41),
+    AttentionSpec(packed="gemm", batch=1, seq=6, mask="causal", seed=42),  # unidirectional carries over
+    AttentionSpec(packed="kqv", mask="const-ss", seed=43),  # columns re-sliced into Q|K|V order
+    AttentionSpec(packed="matmul", v_head_size=3, seed=44),  # Dv != Dq: qkv_hidden_sizes
+])
+def test_multihead_attention_fed_by_packed_split_preserves_function(spec):
+    model = attention_model(spec)
+    fused_first, _ = fuse_everywhere(load_graph(model), "fuse-multihead-attention")
+    assert fused_first.op_counts().get("MultiHeadAttention") == 1
+    staged = to_model(fused_first, fold_constants=False)
+    (packed,) = assert_rule_preserves(staged, RULE, ATTENTION_FP32)
+    assert "MultiHeadAttention" not in packed.op_counts()
+    node = fused_node(packed)
+    mha = fused_first.by_op("MultiHeadAttention")[0]
+    assert node.attr("num_heads") == mha.attr("num_heads")
+    assert node.attr("unidirectional", 0) == mha.attr("unidirectional", 0)
+    if len(mha.inputs) > 5 and mha.inputs[5]:
+        assert len(node.inputs) == 6 and node.inputs[5]
+    exported = to_model(packed, fold_constants=True)
+    for seed in range(3):  # against the original model, not only the staged one
+        report = verify_models(model, exported, tolerance=ATTENTION_FP32, seed=seed + 30)
+        assert report.ok, report.to_dict()
+
+
+def test_multihead_attention_on_separate_projections_does_not_match():
+    fused, _ = fuse_everywhere(load_graph(attention_model(AttentionSpec(mask="input-b1sl", seed=45))),
+                               "fuse-multihead-attention")
+    assert fused.op_counts().get("MultiHeadAttention") == 1
+    assert_no_match(to_model(fused, fold_constants=False), RULE)
+
+
+def test_multihead_attention_with_key_padding_mask_does_not_match():
+    fused, _ = fuse_everywhere(load_graph(attention_model(AttentionSpec(packed="matmul", seed=46))),
+                               "fuse-multihead-attention")
+    model = to_model(fused, fold_constants=False)
+    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    q = mha.input[0]
+    padding = onnx.helper.make_tensor_value_info("key_padding_mask", onnx.TensorProto.INT32, None)
+    model.graph.input.append(padding)
+    del mha.input[3:]
+    mha.input.extend(["", "key_padding_mask"])
+    assert q == mha.input[0]
+    assert_no_match(model, RULE)
+
+
+@pytest.mark.parametrize("source", [("bert", "eager"), ("bert", "sdpa"), ("vit", "sdpa")])
+def test_hf_exports_pack_after_multihead_attention(hf_exports, source):
+    model = onnx.load(str(hf_exports(*source)))
+    staged = _mha_first(model)
+    fused, layers = fuse_everywhere(load_graph(staged), RULE)
+    assert layers == 2 and fused.op_counts()["Attention"] == 2 and "MultiHeadAttention" not in fused.op_counts()
+    report = verify_models(model, to_model(fused, fold_constants=True), tolerance=Tolerance(1e-4, 1e-4))
+    assert report.ok, report.to_dict()
