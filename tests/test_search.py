@@ -158,3 +158,29 @@ def test_bad_config_is_refused():
         SearchConfig(alpha=0.9)
     with pytest.raises(ValueError):
         run_search("annealing", load_graph(chain_model()), default_engine(), PenaliseRule("x"))
+
+
+def test_backtracking_prices_rewrites_on_their_region_with_the_same_result():
+    """The cost model prices a child as parent + the rewrite's regional change; hiding that capability
+    (a plain wrapper prices every child whole) gives the same expansions, trace, best graph and latency (the
+    path may take identical-cost sites in another order: whole-graph sums round differently)."""
+    graph = load_graph(attention_like_model(layers=3))
+    cost = CostModel.for_device("h200")
+    config = SearchConfig(steps=8, budget=25, alpha=1.05)
+    regional = run_search("backtrack", graph, default_engine(), cost, config)
+    whole = run_search("backtrack", graph, default_engine(), CountingService(cost), config)
+    assert regional.expansions == whole.expansions == 25 and regional.stopped_by == whole.stopped_by == "budget"
+    assert [m.rule for m in regional.applied] == [m.rule for m in whole.applied]
+    assert [h.current_ms for h in regional.history] == pytest.approx([h.current_ms for h in whole.history], abs=1e-12)
+    assert regional.best.structural_hash() == whole.best.structural_hash()
+    assert regional.best_latency.ms == pytest.approx(whole.best_latency.ms, abs=1e-12)
+    assert regional.best_latency.ms == pytest.approx(cost.latency(regional.best).ms, abs=1e-12)
+
+
+def test_backtracking_time_limit_stops_it_and_says_so(cost_model):
+    graph = load_graph(attention_like_model(layers=3))
+    result = run_search("backtrack", graph, default_engine(), cost_model, SearchConfig(budget=1000, time_limit=1e-6))
+    assert result.expansions == 1 and result.stopped_by == "time limit"
+    assert run_search("backtrack", graph, default_engine(), cost_model, SearchConfig(budget=3)).stopped_by == "budget"
+    with pytest.raises(BadInputError):
+        SearchConfig(time_limit=-1)

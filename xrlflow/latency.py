@@ -78,6 +78,14 @@ class NodeCosts(Protocol):
     def node_costs(self, graph: Graph) -> Mapping[str, float]: ...
 
 
+@runtime_checkable
+class PricesRewrites(Protocol):
+    """A deterministic service whose latency is a sum over kernels, so the latency change a rewrite makes
+    (child minus parent, ms) is priced on the changed region alone, equal to the whole-graph difference."""
+
+    def rewrite_delta(self, parent: Graph, child: Graph) -> float: ...
+
+
 def close_service(service: Any) -> None:
     """Release what a service holds (nothing for a cost model)."""
     if isinstance(service, Closable):

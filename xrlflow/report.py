@@ -402,6 +402,7 @@ def build_report(**parts: Any) -> dict[str, Any]:
         "config": {
             "search": config.search if config.policy is None else None, "policy": config.policy,
             "steps": search.steps, "rollouts": search.rollouts, "budget": search.budget, "alpha": search.alpha,
+            "time_limit": search.time_limit,
             "seed": search.seed, "input_shapes": {k: list(v) for k, v in config.input_shapes.items()},
             "ort_fusions": config.uses_ort_fusions, "float16": config.float16, "threads": config.threads,
             "cuda_graph": config.cuda_graph, "ab_repeats": config.ab_repeats, "upgrade_opset": config.upgrade_opset,
@@ -421,6 +422,8 @@ def build_report(**parts: Any) -> dict[str, Any]:
         "warnings": parts["warnings"],
         "latency_calls": result.latency_calls,
         "graphs_seen": result.graphs_seen,
+        "expansions": result.expansions,  # backtracking only: graphs expanded, and why it stopped
+        "stopped_by": result.stopped_by or None,
         "time_s": {"decision": result.decision_seconds, "latency": result.latency_seconds, **parts["times"]},
         "history": [asdict(r) for r in result.history],
         "verification": {

@@ -221,6 +221,15 @@ class CostModel:
         self._kernel_ms[kernel.signature] = terms
         return terms
 
+    def rewrite_delta(self, parent: Graph, child: Graph) -> float:
+        """`latency(child) - latency(parent)` in ms, priced on the rewrite's changed region when the estimate
+        is a plain sum over kernels (no correction); a corrected estimate prices both whole graphs."""
+        if self.correction is not None:
+            return self.latency(child).ms - self.latency(parent).ms
+        from xrlflow.sites import local_cost_delta
+
+        return local_cost_delta(self, parent, child)
+
     def node_costs(self, graph: Graph) -> dict[str, float]:
         """Per-node cost in ms: each kernel's cost (before any correction) spread evenly over its nodes."""
         costs: dict[str, float] = {}
