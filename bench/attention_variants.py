@@ -10,7 +10,7 @@
 - `packed-noguard`: both.
 
 `time` (GPU machine) times every variant and the peers against the pipeline output with
-`bench/gpu_timing.py` (paired ABBA), and lists the CUDA kernels of one plain run of each model with
+`xrlflow/paired_timing.py` (paired ABBA), and lists the CUDA kernels of one plain run of each model with
 torch.profiler (CUPTI traces every kernel of the process, onnxruntime's included).
 
     python bench/attention_variants.py build --pipeline bench/out/pipeline/hf-bert-base.pipeline.onnx --out bench/out/attn
@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-import sys
 
 import onnx
 from onnx import helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -118,8 +116,7 @@ def build(pipeline: Path, folder: Path) -> None:
 
 
 def time_all(folder: Path, out: Path, cuda_graph_too: bool) -> None:
-    from gpu_timing import TimingSetting, paired_timing, random_feeds
-    from pipeline_speedup import fill_weights
+    from xrlflow.paired_timing import TimingSetting, fill_weights, paired_timing, random_feeds
 
     filled = folder / "filled"
     filled.mkdir(exist_ok=True)
@@ -149,7 +146,7 @@ def kernel_profile(path: str) -> list:
     """(kernel name, count, total us) of one plain CUDA run, after warm-up, longest first."""
     import onnxruntime as ort
     import torch
-    from gpu_timing import random_feeds
+    from xrlflow.paired_timing import random_feeds
 
     session = ort.InferenceSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     feeds = random_feeds(path)

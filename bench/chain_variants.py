@@ -12,7 +12,7 @@ each rule's run), and the contrib-op attention fusions; each with the cost model
 its files and timings. `prepare` verifies each variant against the original on onnxruntime's CPU EP and writes it with its large
 weights stripped (bench/pipeline_speedup.py's strip_weights), so the set travels in a few MB. `time` refills
 them with random values and times each variant against the canonical graph as paired, interleaved A/B runs
-(bench/gpu_timing.py; numpy, onnx and onnxruntime only). `report` computes Spearman between the predicted
+(xrlflow/paired_timing.py; numpy, onnx and onnxruntime only). `report` computes Spearman between the predicted
 and the measured times per model and says whether the chain's first step is predicted and measured slower
 and its end faster.
 """
@@ -27,10 +27,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-try:
-    from bench.pipeline_speedup import fill_weights, strip_weights
-except ImportError:  # run as a script (the GPU machine): bench/ itself is on sys.path
-    from pipeline_speedup import fill_weights, strip_weights  # type: ignore[no-redef]
+from xrlflow.paired_timing import fill_weights, strip_weights
 
 HEAD_MAJOR_PREFIX = "head-major"
 ATTENTION_FUSIONS = ("fuse-multihead-attention", "fuse-packed-qkv-attention")
@@ -172,10 +169,7 @@ def time_all(args: argparse.Namespace) -> int:
     import onnx
     import onnxruntime
 
-    try:
-        from bench.gpu_timing import TimingSetting, paired_timing
-    except ImportError:  # run as a script
-        from gpu_timing import TimingSetting, paired_timing  # type: ignore[no-redef]
+    from xrlflow.paired_timing import TimingSetting, paired_timing
 
     folder = Path(args.dir)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -66,9 +66,9 @@ if [[ "${PHASE:-measure}" == evaluate ]]; then
     # Phase 2, after a policy was trained on the bundled table: the transformer experiments (with the ORT
     # transformers optimizer as a peer) and the CNN rows of the policy's model card, measured on this GPU.
     POLICY="${POLICY:?set POLICY to the checkpoint folder}"
-    "$PYTHON" experiments/transformer_speedup.py --device "$DEVICE" --policy "$POLICY" --search-latency cost \
+    "$PYTHON" experiments/measured_speedup.py --device "$DEVICE" --policy "$POLICY" --search-latency cost \
         --max-seconds "$MAX_SECONDS" --out "$OUT"
-    "$PYTHON" experiments/transformer_speedup.py --device "$DEVICE" --policy "$POLICY" --search-latency cost \
+    "$PYTHON" experiments/measured_speedup.py --device "$DEVICE" --policy "$POLICY" --search-latency cost \
         --max-seconds "$MAX_SECONDS" --out "$OUT" --no-ort-opt --name policy_card_cnn \
         --models squeezenet inception-v3 resnext50 resnet50 nasnet-a
     echo "done: results in $OUT"

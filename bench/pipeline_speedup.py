@@ -10,7 +10,7 @@ Three phases, because the GPU machine has little time and no `transformers`:
 onnxruntime's CPU EP (fp32 tolerances; fp16 ones at fp16 tolerances), and writes them with their large
 weights stripped (shape and dtype kept) so the set travels in a few MB. `time` (the GPU machine) refills the
 stripped weights with seeded random values (latency does not depend on them) and times each method against
-the original as paired, interleaved A/B runs (bench/gpu_timing.py). `report` writes the table.
+the original as paired, interleaved A/B runs (xrlflow/paired_timing.py). `report` writes the table.
 
 Methods (every ratio is over the original under onnxruntime alone, ORT_ENABLE_ALL):
 - `ort-opt`: onnxruntime's transformers optimizer alone (fp32); `ort-opt-fp16`: then its float16 converter;
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from xrlflow.paired_timing import STRIP_MARK, TimingSetting, fill_weights, paired_timing, strip_weights  # noqa: F401
+
 HERE = Path(__file__).resolve().parent
-STRIP_MIN_ELEMENTS = 4096  # smaller tensors (shapes, masks, scales, LayerNorm of tiny models) travel as they are
-STRIP_MARK = "xrlflow-bench:random-weights"
 
 
 @dataclass(frozen=True)
@@ -88,34 +88,6 @@ def export_original(spec: ModelSpec, path: Path, legacy: bool = False) -> Path:
 
     onnx.save(export_model(spec.arch, batch=spec.batch), path)
     return path
-
-
-def strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every large float initializer's data dropped (dims and dtype kept, marked)."""
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
-    stripped.ir_version = min(stripped.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14
-    for tensor in stripped.graph.initializer:
-        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and np.prod(tensor.dims) >= STRIP_MIN_ELEMENTS:
-            tensor.ClearField("raw_data")
-            tensor.ClearField("float_data")
-            tensor.ClearField("int32_data")
-            tensor.doc_string = STRIP_MARK
-    return stripped
-
-
-def fill_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
-    """Inverse of `strip_weights` up to the values: marked tensors get N(0, 0.02) data."""
-    from onnx import numpy_helper
-
-    rng = np.random.default_rng(seed)
-    for tensor in model.graph.initializer:
-        if tensor.doc_string == STRIP_MARK:
-            dtype = np.float16 if tensor.data_type == onnx.TensorProto.FLOAT16 else np.float32
-            array = (0.02 * rng.standard_normal(tuple(tensor.dims))).astype(dtype)
-            filled = numpy_helper.from_array(array, tensor.name)
-            tensor.CopyFrom(filled)
-    return model
 
 
 def _verify(original: onnx.ModelProto, candidate: onnx.ModelProto, fp16: bool) -> str:
@@ -217,9 +189,6 @@ def prepare(args: argparse.Namespace) -> int:
 
 def time_all(args: argparse.Namespace) -> int:
     import onnxruntime
-
-    sys.path.insert(0, str(HERE))
-    from gpu_timing import TimingSetting, paired_timing
 
     folder = Path(args.dir)
     manifest = json.loads((folder / "manifest.json").read_text())

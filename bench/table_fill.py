@@ -41,10 +41,7 @@ from pathlib import Path
 
 from xrlflow.testing import load_model, random_sequences
 
-try:
-    from bench.pipeline_speedup import fill_weights, strip_weights
-except ImportError:  # run as a script (the GPU machine): bench/ itself is on sys.path
-    from pipeline_speedup import fill_weights, strip_weights  # type: ignore[no-redef]
+from xrlflow.paired_timing import fill_weights, strip_weights
 
 # the rules whose every site --rewrites applies: transposition algebra, Gemm/MatMul forms, attention fusions
 REWRITE_RULES = (

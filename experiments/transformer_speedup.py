@@ -1,332 +1,429 @@
-"""Transformer speedups: the original model under onnxruntime, our greedy search, the RL policy, onnxruntime's
-transformers optimizer, and ours followed by it, on the X-RLflow transformer models and three real
-architectures.
+"""X-RLflow's transformer comparison (MLSys 2023): onnxruntime alone, its transformers optimizer (fp32, fp16),
+xrlflow's greedy search, TASO-style backtracking (budget 1000), the RL policy, and xrlflow's default pipeline
+(fp32, fp16), on the paper's own graph shapes and on the full-size models.
 
-    python experiments/transformer_speedup.py [--device cpu|cuda] [--small] [--models bert-base gpt2 ...]
+Three phases, because the GPU machine has no CPU time to search and no torch:
 
-Every latency is end-to-end onnxruntime time (ORT_ENABLE_ALL) measured by `xrlflow.measure`; every speedup
-is a paired, interleaved A/B comparison against the original model (median of per-pair ratios, 95% CI).
-Searches pick rewrites with `--search-latency` (default: the cost model, which keeps a CPU run affordable;
-`measured` times every candidate). Every optimised model is verified against the original before timing.
-Writes results/transformer_speedup_<device>[_small].{md,json,png}.
+    python experiments/transformer_speedup.py prepare --dir bench/out/experiment [--models ...] [--methods ...]
+        [--taso-budget 1000] [--taso-seconds S]
+    python experiments/transformer_speedup.py time --dir bench/out/experiment --json OUT.json [--no-cuda-graph]
+        [--device cpu]
+    python experiments/transformer_speedup.py report --dir bench/out/experiment --json A.json [B.json] -o results.md
+
+`prepare` (any CPU, torch for the zoo's export) exports each model, produces each method's model with the
+searches priced by the cost model (the bundled H200 table, `--latency cost --device cuda`), verifies every
+output against the original on onnxruntime's CPU EP (fp32: rtol 1e-4, atol 1e-5; fp16: 2e-2), and writes
+the models with their large weights stripped (dims and dtype kept: `xrlflow.paired_timing.strip_weights`)
+plus `manifest.json`, so the folder is self-contained and a few MB. `time` (numpy, onnx, onnxruntime and
+this package only; it never imports torch or transformers) refills the weights with seeded random values and
+times each method against onnxruntime alone as paired, interleaved ABBA runs (`xrlflow.paired_timing`),
+replayed as CUDA graphs unless `--no-cuda-graph`. `report` writes the markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+# only what the `time` phase may load: no torch, no transformers (prepare imports those inside its functions)
 import onnx
 
-REPO = Path(__file__).resolve().parents[1]
-MODELS = ("bert-xrl", "vit-xrl", "mini-dalle", "transformer-transducer", "bert-base", "vit-base", "gpt2")
-# onnxruntime.transformers model_type for each model, and the zoo dims that give its heads and width
-ORT_MODEL_TYPE = {
-    "bert-xrl": ("bert", "BERT_XRL"), "vit-xrl": ("vit", "VIT_BASE"), "mini-dalle": ("gpt2", "MINI_DALLE"),
-    "transformer-transducer": ("bert", "TRANSDUCER"), "bert-base": ("bert", "BERT_BASE"),
-    "vit-base": ("vit", "VIT_BASE"), "gpt2": ("gpt2", "GPT2_SMALL_MODEL"),
+from xrlflow.paired_timing import TimingSetting, fill_weights, paired_timing, strip_weights
+
+# model -> (shape family, onnxruntime.transformers model_type)
+MODELS = {
+    "bert-xrl": ("paper", "bert"),
+    "vit-xrl": ("paper", "vit"),
+    "mini-dalle": ("paper", "gpt2"),
+    "transformer-transducer": ("paper", "bert"),
+    "bert-base": ("full-size", "bert"),
+    "vit-base": ("full-size", "vit"),
+    "gpt2": ("full-size", "gpt2"),
 }
-SMALL_DIMS = {
-    "BERT_XRL": "BERT_XRL_SMALL", "VIT_BASE": "VIT_SMALL", "MINI_DALLE": "MINI_DALLE_SMALL",
-    "TRANSDUCER": "TRANSDUCER_SMALL", "BERT_BASE": "BERT_SMALL", "GPT2_SMALL_MODEL": "GPT2_TINY",
+METHODS = ("ort-opt", "ort-opt-fp16", "greedy", "taso", "rl", "pipeline", "pipeline-fp16")
+TITLES = {
+    "ort-opt": "ORT optimizer", "ort-opt-fp16": "ORT optimizer fp16", "greedy": "greedy", "taso": "TASO",
+    "rl": "RL", "pipeline": "pipeline", "pipeline-fp16": "pipeline fp16",
 }
-# ops the ORT transformers optimizer fuses into (their presence means it did something)
-ORT_FUSED_OPS = frozenset({
-    "Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "FastGelu", "BiasGelu",
-    "Gelu", "LayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "BiasAdd",
-    "QuickGelu", "GroupQueryAttention", "RotaryEmbedding",
-})
-METHODS = ("greedy", "rl", "ort-opt", "ours+ort-opt")
-METHOD_TITLES = {"greedy": "greedy (ours)", "rl": "RL (ours)", "ort-opt": "ORT transformers opt", "ours+ort-opt": "ours + ORT opt"}
+MAX_SET_MB = 60.0
+WEIGHTS_NOTE = ("float initializers of >= 4096 elements travel as dims and dtype only; `time` fills them with "
+                "seeded N(0, 0.02) values (latency does not depend on them); every output was verified with the "
+                "real weights before stripping")
+SCRIPT = "experiments/transformer_speedup.py"
 
 
-@dataclass
-class Cell:
-    """One method on one model: a latency and paired speedup, or why there is none."""
+# ---- prepare (CPU) --------------------------------------------------------------------------------------------
+def _verify(original: onnx.ModelProto, candidate: onnx.ModelProto, fp16: bool) -> dict:
+    from xrlflow.verify import Tolerance, verify_models
 
-    ms: float | None = None  # the candidate's median in the paired run
-    original_ms: float | None = None  # the original's median in the same paired run
-    speedup: float | None = None
-    speedup_low: float | None = None
-    speedup_high: float | None = None
-    note: str = ""
-    rewrites: int | None = None
-    seconds: float | None = None  # time the method took to produce its model
-
-    def text(self) -> str:
-        if self.ms is None:
-            return self.note or "-"
-        out = f"{self.speedup:.3f}x [{self.speedup_low:.3f}, {self.speedup_high:.3f}]"
-        if self.original_ms is not None:
-            out += f" ({self.ms:.3f} vs {self.original_ms:.3f} ms)"
-        return out + (f" {self.note}" if self.note else "")
+    tolerance = Tolerance(rtol=2e-2, atol=2e-2) if fp16 else Tolerance()
+    check = verify_models(original, candidate, tolerance=tolerance)
+    worst_abs = max((float(o.max_abs_error) for o in check.outputs), default=None)
+    worst_rel = max((float(o.max_rel_error) for o in check.outputs), default=None)
+    return {"ok": bool(check.ok), "reason": check.reason, "rtol": tolerance.rtol, "atol": tolerance.atol,
+            "outputs": len(check.outputs), "max_abs": worst_abs, "max_rel": worst_rel}
 
 
-@dataclass
-class Row:
-    model: str
-    nodes: int
-    original_ms: float | None = None
-    original_ci: tuple[float, float] | None = None
-    cells: dict[str, Cell] = field(default_factory=dict)
+def produce(name: str, method: str, original: onnx.ModelProto, args: argparse.Namespace,
+            ort_cache: dict) -> tuple[onnx.ModelProto, dict]:
+    """One method's model for zoo model `name` and what to record about it."""
+    import xrlflow
+    from xrlflow import ort_stages
+
+    info: dict = {}
+    if method in ("ort-opt", "ort-opt-fp16"):
+        if "ort-opt" not in ort_cache:
+            heads, hidden = ort_stages.infer_attention_dims(original)
+            stage = ort_stages.ort_transformer_fusions(original, ort_stages.OrtFusionOptions(
+                model_type=MODELS[name][1], num_heads=heads, hidden_size=hidden, use_gpu=True))
+            ort_cache["ort-opt"] = (stage.model, f"model_type {MODELS[name][1]}, heads {heads}, hidden {hidden}: {stage.note}")
+        model, info["note"] = ort_cache["ort-opt"]
+        if method == "ort-opt-fp16":
+            model = ort_stages.float16_stage(model).model
+        return model, info
+    # xrlflow's searches, priced by the bundled H200 table; the search columns leave onnxruntime's fusions out
+    kwargs: dict = dict(latency="cost", device="cuda", seed=args.seed)
+    if method == "greedy":
+        kwargs.update(search="greedy", ort_fusions="off")
+    elif method == "taso":
+        kwargs.update(search="backtrack", budget=args.taso_budget, time_limit=args.taso_seconds, ort_fusions="off")
+    elif method == "rl":
+        kwargs.update(policy=args.policy, ort_fusions="off")
+    elif method == "pipeline-fp16":
+        kwargs.update(float16=True)
+    result = xrlflow.optimize(original, **kwargs)
+    report = result.report
+    info["rewrites"] = len(report.get("rewrites", []))
+    info["rewrites_by_rule"] = report.get("rewrites_by_rule")
+    latency = report.get("latency") or {}
+    info["cost_model_ms"] = {k: (latency.get(k) or {}).get("ms") for k in ("before", "after")}
+    info["stages"] = report.get("stages")
+    info["search_seconds"] = report.get("time_s", {})
+    if method == "taso":
+        info.update(budget=args.taso_budget, expansions=report.get("expansions"), stopped_by=report.get("stopped_by"),
+                    time_limit_s=args.taso_seconds or None, graphs_seen=report.get("graphs_seen"), alpha=report["config"]["alpha"])
+    if method == "rl":
+        info["policy"] = report["config"]["policy"]
+    return result.model, info
 
 
-def _dims(name: str, small: bool):
-    from xrlflow import zoo
-
-    key = ORT_MODEL_TYPE[name][1]
-    return getattr(zoo, SMALL_DIMS[key] if small else key)
-
-
-def ort_transformers_optimize(model: onnx.ModelProto, name: str, small: bool, device: str) -> tuple[onnx.ModelProto | None, str]:
-    """onnxruntime's transformers optimizer on `model`: (optimised model or None, note saying what happened)."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    model_type = ORT_MODEL_TYPE[name][0]
-    dims = _dims(name, small)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        onnx.save(model, path)
-        try:
-            # opt_level 0: only the python fusions, so the result stays portable; ORT_ENABLE_ALL runs at load
-            optimised = optimize_model(
-                str(path), model_type=model_type, num_heads=dims.heads, hidden_size=dims.dim, opt_level=0,
-                use_gpu=device == "cuda",
-            ).model
-        except Exception as exc:  # the peer crashing is a result, not an error of this script
-            return None, f"crashed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})" if str(exc) else f"crashed ({type(exc).__name__})"
-    domains = {n.domain for n in optimised.graph.node if n.domain not in ("", "ai.onnx")}
-    imported = {o.domain for o in optimised.opset_import}
-    for domain in sorted(domains - imported):  # the optimizer's in-memory model omits its contrib-op imports
-        optimised.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    before = Counter(n.op_type for n in model.graph.node)
-    after = Counter(n.op_type for n in optimised.graph.node)
-    fused = {op: after[op] - before.get(op, 0) for op in ORT_FUSED_OPS if after[op] > before.get(op, 0)}
-    note = f"model_type {model_type}; " + (
-        "fused " + ", ".join(f"{n} {op}" for op, n in sorted(fused.items())) if fused else "fused nothing"
-    )
-    return optimised, note
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
 
 
-def _paired(service, graph, candidate_model: onnx.ModelProto) -> Cell:
-    from xrlflow.onnx_io import load_graph
-
-    try:
-        candidate = load_graph(candidate_model)
-    except Exception as exc:
-        return Cell(note=f"cannot load its output ({str(exc)[:80]})")
-    comparison = service.compare(graph, candidate)
-    if not comparison.ok:
-        return Cell(note=f"measurement failed ({comparison.reason[:80]})")
-    return Cell(
-        ms=comparison.b.ms, original_ms=comparison.a.ms, speedup=comparison.speedup, speedup_low=1.0 / comparison.high,
-        speedup_high=1.0 / comparison.low,
-    )
+def _set_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.suffix == ".onnx")
 
 
-def run_model(name: str, args: argparse.Namespace, measured, search_service, policy: str | None) -> Row:
-    from xrlflow.onnx_io import load_graph
-    from xrlflow.optimizer import OptimizeConfig, SearchConfig, VerificationError, optimize
-    from xrlflow.verify import verify_models
-    from xrlflow.zoo import export_model
-
-    model = export_model(name, small=args.small)
-    graph = load_graph(model)
-    row = Row(name, len(graph))
-    original = measured.latency(graph)
-    row.original_ms = original.ms if original.ok else None
-    row.original_ci = (original.low_ms, original.high_ms) if original.ok else None
-    print(f"[{name}] {len(graph)} nodes, original {original.ms:.3f} ms", flush=True)
-
-    ours: onnx.ModelProto | None = None
-    ours_label = ""
-    # ort_fusions="off": these columns are xrlflow's rewrites alone (onnxruntime's optimizer has its own column)
-    searches = [("greedy", OptimizeConfig(search="greedy", latency=args.search_latency, device=args.device, ort_fusions="off", search_config=SearchConfig(steps=args.steps)))]
-    if policy:
-        searches.append(("rl", OptimizeConfig(
-            policy=policy, latency=args.search_latency, device=args.device, ort_fusions="off", search_config=SearchConfig(steps=args.steps, rollouts=args.rollouts),
-        )))
-    else:
-        row.cells["rl"] = Cell(note="no policy")
-    for method, config in searches:
-        started = time.perf_counter()
-        try:
-            result = optimize(model, config, latency_service=search_service)
-        except VerificationError as exc:
-            row.cells[method] = Cell(note=f"verification failed: {exc}"[:160])
-            continue
-        except Exception as exc:
-            row.cells[method] = Cell(note=f"failed: {type(exc).__name__}: {str(exc)[:100]}")
-            traceback.print_exc()
-            continue
-        cell = _paired(measured, graph, result.model) if result.search.applied else Cell(
-            ms=original.ms, speedup=1.0, speedup_low=1.0, speedup_high=1.0, note="(no rewrite)")
-        cell.rewrites = len(result.search.applied)
-        cell.seconds = time.perf_counter() - started
-        row.cells[method] = cell
-        ours, ours_label = result.model, method  # RL replaces greedy as "ours" when it ran
-        print(f"[{name}] {method}: {cell.text()}, {cell.rewrites} rewrites, {cell.seconds:.1f} s", flush=True)
-
-    if args.no_ort_opt:
-        return row
-    if name not in ORT_MODEL_TYPE:
-        row.cells["ort-opt"] = Cell(note="not a transformer")
-        row.cells["ours+ort-opt"] = Cell(note="not a transformer")
-        return row
-    started = time.perf_counter()
-    ort_model, note = ort_transformers_optimize(model, name, args.small, args.device)
-    row.cells["ort-opt"] = _verified_cell(measured, graph, model, ort_model, note, verify_models)
-    row.cells["ort-opt"].seconds = time.perf_counter() - started
-    print(f"[{name}] ort-opt: {row.cells['ort-opt'].text()}", flush=True)
-
-    if ours is None:
-        row.cells["ours+ort-opt"] = Cell(note="ours failed")
-    else:
-        combined, note = ort_transformers_optimize(ours, name, args.small, args.device)
-        row.cells["ours+ort-opt"] = _verified_cell(measured, graph, model, combined, f"{ours_label} then {note}", verify_models)
-        print(f"[{name}] ours+ort-opt: {row.cells['ours+ort-opt'].text()}", flush=True)
-    return row
+def write_manifest(folder: Path) -> dict:
+    """manifest.json: the per-model entries under models/ merged (several prepare runs may share a folder)."""
+    entries = {}
+    for path in sorted((folder / "models").glob("*.json")):
+        entry = json.loads(path.read_text())
+        entries[entry["model"]] = entry
+    ordered = {n: entries[n] for n in [*MODELS, *sorted(entries)] if n in entries}
+    size = _set_size(folder) + sum(p.stat().st_size for p in (folder / "models").glob("*.json"))
+    manifest = {
+        "experiment": "X-RLflow transformer comparison: ORT alone vs ORT optimizer (fp32/fp16), greedy, TASO "
+                      "backtracking, RL, xrlflow pipeline (fp32/fp16)",
+        "search_latency": "cost model, bundled H200 table (--latency cost --device cuda)",
+        "verification": "every output against the original on onnxruntime's CPU EP (fp32 rtol 1e-4 atol 1e-5; fp16 2e-2)",
+        "weights": WEIGHTS_NOTE,
+        "size_mb": round(size / 1e6, 2),
+        "left_out": {n: f"not prepared ({MODELS[n][0]} shape)" for n in MODELS if n not in ordered},
+        "models": ordered,
+    }
+    if size / 1e6 > MAX_SET_MB:
+        manifest["warning"] = f"the set is {size / 1e6:.1f} MB, over the {MAX_SET_MB:g} MB it should travel in"
+    _atomic_json(folder / "manifest.json", manifest)
+    return manifest
 
 
-def _verified_cell(measured, graph, original: onnx.ModelProto, candidate: onnx.ModelProto | None, note: str, verify_models) -> Cell:
-    if candidate is None:
-        return Cell(note=note)
-    check = verify_models(original, candidate)
-    if not check.ok:
-        return Cell(note=f"{note}; does not verify ({check.reason[:80]})")
-    cell = _paired(measured, graph, candidate)
-    cell.note = f"{cell.note} {note}".strip() if cell.ms is None else f"({note})"
-    return cell
-
-
-def environment(args: argparse.Namespace, device_label: str) -> dict[str, Any]:
+def prepare(args: argparse.Namespace) -> int:
     import numpy
     import onnxruntime
     import torch
 
     import xrlflow
+    from xrlflow.zoo import export_model
 
-    return {
+    folder = Path(args.dir)
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", SCRIPT, *(args.argv or [])])
+    for name in args.models:
+        entry_path = folder / "models" / f"{name}.json"
+        entry = json.loads(entry_path.read_text()) if entry_path.is_file() else {"model": name, "methods": {}}
+        original = export_model(name, batch=args.batch, small=args.small)
+        entry.update(shape=MODELS[name][0] + (" (small variant)" if args.small else ""), nodes=len(original.graph.node), batch=args.batch,
+                     inputs={i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in original.graph.input},
+                     file=f"{name}.onnx")
+        onnx.save(strip_weights(original), folder / f"{name}.onnx")
+        entry["prepared"] = {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "versions": {"xrlflow": xrlflow.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                         "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()},
+        }
+        print(f"[{name}] {entry['nodes']} nodes", flush=True)
+        ort_cache: dict = {}
+        for method in args.methods:
+            started = time.perf_counter()
+            try:
+                model, info = produce(name, method, original, args, ort_cache)
+                info["seconds"] = round(time.perf_counter() - started, 2)
+                info["verify"] = _verify(original, model, fp16=method.endswith("fp16"))
+            except Exception as exc:  # a method failing is a result of the experiment
+                traceback.print_exc()
+                model, info = None, {"note": f"failed: {type(exc).__name__}: {str(exc)[:200]}",
+                                     "seconds": round(time.perf_counter() - started, 2)}
+            if model is not None and info["verify"]["ok"]:
+                file = f"{name}.{method}.onnx"
+                onnx.save(strip_weights(model), folder / file)
+                info.update(file=file, nodes=len(model.graph.node))
+            elif model is not None:
+                info["note"] = f"does not verify ({info['verify']['reason'][:160]}): left out of the timing"
+            entry["methods"][method] = info
+            print(f"[{name}] {method}: {_summary(info)}", flush=True)
+            _atomic_json(entry_path, entry)
+            write_manifest(folder)
+    manifest = write_manifest(folder)
+    print(f"{folder}: {manifest['size_mb']} MB, models {', '.join(manifest['models'])}")
+    return 0
+
+
+def _summary(info: dict) -> str:
+    keys = ("nodes", "rewrites", "expansions", "stopped_by", "seconds", "note")
+    parts = [f"{k} {info[k]}" for k in keys if info.get(k) is not None]
+    verify = info.get("verify")
+    if verify:
+        parts.append("verified" if verify["ok"] else "NOT verified")
+    return ", ".join(parts)
+
+
+# ---- time (the GPU machine) ---------------------------------------------------------------------------------
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import subprocess
+
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+            return out[0] if out else "cuda"
+        except Exception:
+            return "cuda"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def time_all(args: argparse.Namespace) -> int:
+    import numpy
+    import onnxruntime
+
+    import xrlflow
+
+    folder = Path(args.dir)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    setting = TimingSetting(device=args.device, cuda_graph=not args.no_cuda_graph, threads=args.threads,
+                            warmup=args.warmup, runs=args.runs, cycles=args.cycles)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def filled(file: str) -> str:
+        target = work / file
+        if not target.is_file():
+            model = fill_weights(onnx.load(folder / file))
+            onnx.save(model, target, save_as_external_data=model.ByteSize() > 1_800_000_000)
+        return str(target)
+
+    results = {
+        "setting": setting.label, "cuda_graph": setting.device == "cuda" and setting.cuda_graph,
+        "timing": {"warmup": setting.warmup, "runs": setting.runs, "cycles": setting.cycles, "threads": setting.threads},
+        "device": _device_name(args.device), "onnxruntime": onnxruntime.__version__,
+        "providers": onnxruntime.get_available_providers(), "onnx": onnx.__version__, "numpy": numpy.__version__,
+        "xrlflow": xrlflow.__version__, "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "experiments/transformer_speedup.py", *sys.argv[1:]]),
-        "device": f"{args.device} ({device_label})",
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "xrlflow": xrlflow.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "onnx": onnx.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "search_latency": args.search_latency,
-        "measurement": {"max_seconds": args.max_seconds, "target_rel_ci": args.target_rel_ci, "threads": args.threads},
+        "command": " ".join(["python", SCRIPT, *(args.argv or [])]), "models": {},
     }
+    deadline = time.monotonic() + args.max_seconds
+    names = [n for n in (args.models or list(manifest["models"])) if n in manifest["models"]]
+    skipped = []
+    for method in args.methods:  # methods outer: a run cut by the deadline keeps every model of the first methods
+        for name in names:
+            info = manifest["models"][name]["methods"].get(method, {})
+            if "file" not in info:
+                continue
+            if time.monotonic() > deadline:
+                skipped.append(f"{name}/{method}")
+                continue
+            row = results["models"].setdefault(name, {})
+            try:
+                timing = paired_timing(filled(manifest["models"][name]["file"]), filled(info["file"]), setting, seed=args.seed)
+                row[method] = timing.as_dict()
+            except Exception as exc:
+                row[method] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"[{name}] {method}: {row[method]}", flush=True)
+            results["not_timed"] = skipped
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    results["not_timed"] = skipped
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    if skipped:
+        print(f"deadline (--max-seconds {args.max_seconds:g}) reached: not timed {', '.join(skipped)}")
+    print(f"wrote {args.json}")
+    return 0
 
 
-def write_results(rows: list[Row], env: dict[str, Any], args: argparse.Namespace) -> list[Path]:
-    from xrlflow.report import markdown_table, plot_speedup_bars, write_json, write_text
+# ---- report -----------------------------------------------------------------------------------------------------
+def _taso_label(info: dict) -> str:
+    if info.get("expansions") is None:
+        return ""
+    spent, budget = info["expansions"], info.get("budget")
+    if spent == budget:
+        return f"budget {budget} spent"
+    return f"{spent} of {budget} expansions ({info.get('stopped_by')})"
 
-    stem = f"{args.name}_{args.device}{'_small' if args.small else ''}"
-    out = Path(args.out)
-    header = ["model", "nodes", "original"] + [METHOD_TITLES[m] for m in METHODS]
-    table = markdown_table(header, [
-        [r.model, str(r.nodes), f"{r.original_ms:.3f} ms" if r.original_ms is not None else "failed"]
-        + [r.cells.get(m, Cell(note="-")).text().replace("|", "/") for m in METHODS]
-        for r in rows
-    ])
+
+def _cell(timing: dict | None, info: dict, method: str) -> str:
+    if not info:
+        return "not prepared"
+    if "file" not in info:
+        return (info.get("note") or "-").replace("|", "/")[:80]
+    if timing is None:
+        return "not timed"
+    if "error" in timing:
+        return f"error ({timing['error'][:60]})".replace("|", "/")
+    text = f"**{timing['speedup']:.3f}x** [{timing['speedup_low']:.3f}, {timing['speedup_high']:.3f}] {timing['b_ms']:.3f} ms"
+    if "speedup_p25" in timing:
+        text += f", IQR {timing['speedup_p25']:.3f}-{timing['speedup_p75']:.3f}"
+    if method == "taso":
+        text += f"; {_taso_label(info)}"
+    return text
+
+
+def report(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    models = manifest["models"]
+    first = next(iter(models.values()), {}).get("prepared", {})
+    taso_budgets = sorted({m["methods"].get("taso", {}).get("budget") for m in models.values()} - {None})
     lines = [
-        f"# Transformer speedups ({env['device']}{', small variants' if args.small else ''})",
-        "",
-        f"- date: {env['date']}",
-        f"- command: `{env['command']}`",
-        f"- versions: xrlflow {env['xrlflow']}, onnxruntime {env['onnxruntime']}, onnx {env['onnx']}, torch {env['torch']}, "
-        f"python {env['python']}",
-        f"- measurement: onnxruntime ORT_ENABLE_ALL, {env.get('provider', '')} (on CUDA /cudagraph: the run replayed "
-        f"as one CUDA graph), {args.threads} intra-op thread(s), adaptive runs until the 95% CI "
-        f"of the median is within {args.target_rel_ci:.0%} (at most {args.max_seconds:g} s per measurement)",
-        f"- searches pick rewrites with the {'cost model' if args.search_latency == 'cost' else 'measured latency'}; "
-        f"greedy: at most {args.steps} rewrites; RL: greedy policy rollout + {args.rollouts} sampled",
-        "- each cell: the speedup over the original from interleaved A/B pairs (median of per-pair ratios) with "
-        "its 95% CI, then the two medians of that paired run (optimised vs original); the 'original' column is a "
-        "separate measurement; every optimised model was verified against the original "
-        "(CPU EP, rtol 1e-4, atol 1e-5) before timing",
-        "- 'ours + ORT opt': our optimised model (RL when a policy ran, else greedy) passed through the ORT "
-        "transformers optimizer (opt_level 0: python fusions only; ORT_ENABLE_ALL still runs at session creation)",
-        "",
-        table,
-        "",
+        "# X-RLflow's transformer comparison: speedups over onnxruntime alone", "",
+        f"- prepared ({first.get('date', '?')}, {first.get('machine', '?')}): "
+        + "; ".join(sorted({f"`{m['prepared']['command']}`" for m in models.values() if 'prepared' in m})),
+        f"- prepare versions: {', '.join(f'{k} {v}' for k, v in first.get('versions', {}).items())}",
+        f"- searches priced by {manifest['search_latency']}; TASO = xrlflow's TASO-style cost-based backtracking "
+        f"(alpha 1.05, budget {', '.join(map(str, taso_budgets)) or '-'}; the budget each model actually spent is in its cell); "
+        "RL = the shipped policy (`checkpoints/xrlflow-h200`); greedy / TASO / RL: xrlflow's rewrites alone "
+        "(`--ort-fusions off`); pipeline = xrlflow's default for `--device cuda` (rewrites, then onnxruntime's "
+        "transformers fusions), fp16 with `--float16`; ORT optimizer = onnxruntime.transformers optimize_model "
+        "(opt_level 0, use_gpu), fp16 = its convert_float_to_float16 (keep_io_types)",
+        f"- verification: {manifest['verification']}; a method whose output did not verify is not timed",
+        f"- weights: {manifest['weights']}",
+        f"- set: {manifest.get('size_mb')} MB" + (f"; left out: {json.dumps(manifest['left_out'])}" if manifest.get("left_out") else ""),
     ]
-    for r in rows:
-        extra = [f"{METHOD_TITLES[m]}: {c.rewrites} rewrites in {c.seconds:.1f} s" for m, c in r.cells.items()
-                 if c.rewrites is not None and c.seconds is not None]
-        if extra:
-            lines.append(f"- {r.model}: " + "; ".join(extra))
-    write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
-    write_json(out / f"{stem}.json", {"environment": env, "rows": [
-        {"model": r.model, "nodes": r.nodes, "original_ms": r.original_ms, "original_ci_ms": r.original_ci,
-         "methods": {m: vars(c) for m, c in r.cells.items()}} for r in rows
-    ]})
-    plot_speedup_bars(
-        out / f"{stem}.png", [r.model for r in rows],
-        {METHOD_TITLES[m]: [r.cells.get(m, Cell()).speedup for r in rows] for m in METHODS},
-        title=f"speedup over onnxruntime alone ({args.device}{', small' if args.small else ''})",
-    )
-    return [out / f"{stem}.{ext}" for ext in ("md", "json", "png")]
+    for path in args.json:
+        timing = json.loads(Path(path).read_text())
+        mode = "CUDA graph" if timing.get("cuda_graph") else "plain runs"
+        lines += [
+            "", f"## {mode}: {timing['device']}, {timing['setting']}", "",
+            f"- timed {timing['date']}: `{timing['command']}`",
+            f"- versions: onnxruntime {timing['onnxruntime']} ({', '.join(timing.get('providers', []))}), "
+            f"onnx {timing.get('onnx')}, numpy {timing.get('numpy')}, xrlflow {timing.get('xrlflow')}, python {timing.get('python')}",
+            f"- paired interleaved ABBA timing against ORT alone (ORT_ENABLE_ALL, IO binding), "
+            f"{timing['timing']['cycles']} cycles of {timing['timing']['runs']} runs per quarter after "
+            f"{timing['timing']['warmup']} warm-up runs: speedup = median of per-cycle ratios, [bootstrap 95% "
+            "interval], the method's median ms, IQR of the per-cycle speedups; 'ORT alone' = the original's median",
+        ]
+        if timing.get("not_timed"):
+            lines.append(f"- not timed (deadline): {', '.join(timing['not_timed'])}")
+        lines.append("")
+        header = ["model", "shape", "nodes", f"ORT alone ({mode})"] + [TITLES[m] for m in METHODS]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for name, entry in models.items():
+            row = timing["models"].get(name, {})
+            base = [t["a_ms"] for t in row.values() if "a_ms" in t]
+            base_text = f"{sorted(base)[len(base) // 2]:.3f} ms" + (f" ({min(base):.3f}-{max(base):.3f})" if len(base) > 1 else "") if base else "-"
+            cells = [name, entry.get("shape", ""), str(entry.get("nodes", "")), base_text]
+            cells += [_cell(row.get(m), entry["methods"].get(m, {}), m) for m in METHODS]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Per model: what each method did (prepare)", ""]
+    for name, entry in models.items():
+        for method in METHODS:
+            info = entry["methods"].get(method)
+            if info is None:
+                continue
+            verify = info.get("verify") or {}
+            extra = [f"{info.get('seconds', '?')} s"]
+            if info.get("rewrites") is not None:
+                extra.append(f"{info['rewrites']} rewrites")
+            if method == "taso" and info.get("expansions") is not None:
+                extra.append(f"{info['expansions']} expansions of budget {info['budget']} (stopped by {info['stopped_by']}"
+                             + (f", time limit {info['time_limit_s']:g} s" if info.get("time_limit_s") else "") + ")")
+            if info.get("cost_model_ms") and info["cost_model_ms"].get("after") is not None:
+                extra.append(f"cost model {info['cost_model_ms']['before']:.4f} -> {info['cost_model_ms']['after']:.4f} ms")
+            if verify:
+                extra.append(("verified" if verify.get("ok") else "NOT verified")
+                             + (f", max abs err {verify['max_abs']:.2e}" if verify.get("max_abs") is not None else ""))
+            if info.get("note"):
+                extra.append(info["note"].replace("|", "/")[:200])
+            lines.append(f"- {name} / {TITLES[method]}: " + "; ".join(extra))
+    lines += ["", "Commands:", "", "```bash",
+              *sorted({m["prepared"]["command"] for m in models.values() if "prepared" in m}),
+              *[json.loads(Path(p).read_text())["command"] for p in args.json],
+              " ".join(["python", SCRIPT, *(args.argv or [])]), "```", ""]
+    Path(args.output).write_text("\n".join(lines))
+    print(f"wrote {args.output}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--small", action="store_true", help="the zoo's small variants (a quick check)")
-    p.add_argument("--models", nargs="+", default=list(MODELS),
-                   help="zoo models (default: the transformer set; any zoo model is accepted)")
-    p.add_argument("--no-ort-opt", action="store_true", help="skip the onnxruntime transformers optimizer columns")
-    p.add_argument("--name", default="transformer_speedup", help="stem of the result files")
-    p.add_argument("--search-latency", choices=("cost", "measured"), default="cost")
-    p.add_argument("--steps", type=int, default=50, help="most rewrites per search path")
-    p.add_argument("--rollouts", type=int, default=4, help="RL: sampled rollouts besides the greedy one")
-    p.add_argument("--policy", help="policy checkpoint (default: the newest entry under checkpoints/)")
-    p.add_argument("--max-seconds", type=float, default=5.0, help="cap per latency measurement")
-    p.add_argument("--target-rel-ci", type=float, default=0.01)
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    p.add_argument("--out", default=str(REPO / "results"))
+    sub = p.add_subparsers(dest="phase", required=True)
+    pp = sub.add_parser("prepare", help="export, optimise, verify and write the set (CPU)")
+    pp.add_argument("--dir", required=True)
+    pp.add_argument("--models", nargs="+", default=list(MODELS), help=f"zoo models (default: {' '.join(MODELS)})")
+    pp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    pp.add_argument("--batch", type=int, default=1)
+    pp.add_argument("--small", action="store_true", help="the zoo's small variants (a smoke run, the tests)")
+    pp.add_argument("--taso-budget", type=int, default=1000, help="backtracking expansions (TASO's budget)")
+    pp.add_argument("--taso-seconds", type=float, default=0.0,
+                    help="stop the backtracking after this many seconds (0: none); the expansions spent are recorded")
+    pp.add_argument("--policy", default="checkpoints/xrlflow-h200", help="the RL column's policy")
+    pp.add_argument("--seed", type=int, default=0)
+    pt = sub.add_parser("time", help="paired A/B timing of every prepared method against ORT alone (GPU)")
+    pt.add_argument("--dir", required=True)
+    pt.add_argument("--json", required=True)
+    pt.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run on the CPU EP")
+    pt.add_argument("--no-cuda-graph", action="store_true", help="plain CUDA runs instead of replayed CUDA graphs")
+    pt.add_argument("--work", default="/tmp/xrlflow_experiment_models", help="where the refilled models are written")
+    pt.add_argument("--models", nargs="*")
+    pt.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    pt.add_argument("--cycles", type=int, default=15)
+    pt.add_argument("--runs", type=int, default=20)
+    pt.add_argument("--warmup", type=int, default=20)
+    pt.add_argument("--threads", type=int, default=0, help="CPU EP intra-op threads (0: onnxruntime's default)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--max-seconds", type=float, default=540.0, help="start no new pair after this")
+    pr = sub.add_parser("report", help="the markdown table")
+    pr.add_argument("--dir", required=True)
+    pr.add_argument("--json", nargs="+", required=True)
+    pr.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
-    from xrlflow.zoo import list_models
-
-    known = [e.name for e in list_models()]
-    unknown = [m for m in args.models if m not in known]
-    if unknown:
-        p.error(f"unknown zoo model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-
-    from xrlflow.measure import MeasureConfig, MeasuredLatency
-    from xrlflow.services import make_latency_service
-    from xrlflow.testing import newest_checkpoint
-
-    config = MeasureConfig.create(
-        device=args.device, max_seconds=args.max_seconds, target_rel_ci=args.target_rel_ci,
-        intra_op_threads=args.threads,
-    )
-    policy = newest_checkpoint(REPO / "checkpoints", args.policy)
-    rows = []
-    with MeasuredLatency(config) as measured:
-        search_service = measured if args.search_latency == "measured" else make_latency_service("cost", args.device)
-        for name in args.models:
-            rows.append(run_model(name, args, measured, search_service, policy))
-        env = environment(args, measured.device)
-        env["provider"] = config.provider
-    env["policy"] = policy or "no policy"
-    for path in write_results(rows, env, args):
-        print(f"wrote {path}")
-    return 0
+    args.argv = argv
+    if args.phase == "prepare":
+        unknown = [m for m in args.models if m not in MODELS]
+        if unknown:
+            p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    return {"prepare": prepare, "time": time_all, "report": report}[args.phase](args)
 
 
 if __name__ == "__main__":
