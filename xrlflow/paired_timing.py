@@ -134,8 +134,8 @@ class PairedTiming:
         out = {"speedup": self.speedup, "speedup_low": 1.0 / self.high, "speedup_high": 1.0 / self.low,
                "a_ms": self.a_ms, "b_ms": self.b_ms, "cycles": self.cycles}
         if self.ratios:  # the spread of the per-cycle speedups (interquartile range)
-            q25, q75 = np.percentile(1.0 / np.array(self.ratios), [25, 75])
-            out.update(speedup_p25=float(q25), speedup_p75=float(q75))
+            r25, r75 = np.percentile(np.array(self.ratios), [25, 75])
+            out.update(speedup_p25=float(1.0 / r75), speedup_p75=float(1.0 / r25))
         return out
 
 
