@@ -16,7 +16,7 @@ from xrlflow.verify import Tolerance
 
 OPTIMIZE_FLAGS = {
     "-h", "--help", "-o", "--output", "--policy", "--search", "--device", "--latency", "--rollouts", "--steps",
-    "--budget", "--alpha", "--input-shape", "--report", "--plot", "--seed", "--rules", "--disable-rules", "--inputs",
+    "--budget", "--alpha", "--time-limit", "--input-shape", "--report", "--plot", "--seed", "--rules", "--disable-rules", "--inputs",
     "--rtol", "--atol", "--tolerance", "--no-shape-check", "--external-data", "--no-progress",
     # the pipeline's stages and its deployment setting (OptimizeConfig fields)
     "--no-upgrade", "--ort-fusions", "--no-ort-fusions", "--float16", "--threads", "--cuda-graph", "--ab-repeats",

@@ -184,3 +184,37 @@ def test_backtracking_time_limit_stops_it_and_says_so(cost_model):
     assert run_search("backtrack", graph, default_engine(), cost_model, SearchConfig(budget=3)).stopped_by == "budget"
     with pytest.raises(BadInputError):
         SearchConfig(time_limit=-1)
+
+
+class WholeGraphOnly:
+    """The cost model without its `rewrite_delta`: every child is priced whole."""
+
+    def __init__(self, model: CostModel) -> None:
+        self.model, self.name, self.deterministic = model, model.name, True
+
+    def latency(self, graph):
+        return self.model.latency(graph)
+
+
+def test_greedy_by_default_runs_until_nothing_improves(cost_model):
+    """A deep model needs more rewrites than a fixed cap that fits a small one (50 did not fit zoo bert-base):
+    by default (steps 0) greedy stops only when no rewrite improves; an explicit --steps still caps the path."""
+    graph = load_graph(attention_like_model(layers=56, width=8))
+    engine = default_engine().restricted(["merge-parallel-matmul"])  # few matches per step: a quick test
+    unlimited = run_search("greedy", graph, engine, cost_model, SearchConfig())
+    assert len(unlimited.applied) == 56, len(unlimited.applied)  # the QKV merge of every layer, past 50
+    capped = run_search("greedy", graph, engine, cost_model, SearchConfig(steps=5))
+    assert len(capped.applied) == 5 and capped.best_latency.ms > unlimited.best_latency.ms
+    assert SearchConfig().rollout_steps == 50 and SearchConfig(steps=7).rollout_steps == 7
+
+
+def test_greedy_priced_by_regional_deltas_takes_the_whole_graph_path(cost_model):
+    """Pricing children as parent + the rewrite's regional change picks the same rewrites as pricing each
+    child whole, with far fewer whole-graph evaluations."""
+    graph = load_graph(attention_like_model(layers=3, width=16))
+    engine = default_engine()
+    by_delta = run_search("greedy", graph, engine, cost_model, SearchConfig())
+    whole = run_search("greedy", graph, engine, WholeGraphOnly(cost_model), SearchConfig())
+    assert [m.rule for m in by_delta.applied] == [m.rule for m in whole.applied]
+    assert by_delta.best.structural_hash() == whole.best.structural_hash()
+    assert by_delta.best_latency.ms == pytest.approx(whole.best_latency.ms)

@@ -374,9 +374,9 @@ def _plain_cuda_service(service: Any) -> LatencyService:
 def _search(config: OptimizeConfig, graph: Graph, engine: RewriteEngine, service: LatencyService) -> SearchResult:
     search = config.search_config
     if config.policy is not None:
-        total, description = search.steps * (search.rollouts + 1), "policy"
+        total, description = search.rollout_steps * (search.rollouts + 1), "policy"
     else:
-        total = {"greedy": search.steps, "backtrack": search.budget, "random": search.steps * search.rollouts}[config.search]
+        total = {"greedy": search.steps or None, "backtrack": search.budget, "random": search.rollout_steps * search.rollouts}[config.search]
         description = config.search
     bar = None
     on_step: StepCallback | None = None
@@ -413,7 +413,7 @@ def search_with_policy(policy_path: str, graph: Graph, engine: RewriteEngine, se
         engine = default_engine().restricted(r.name for r in engine.rules)
     if engine.fingerprint != policy.rule_fingerprint:
         raise BadInputError(f"--policy {policy_path}: trained on another rule registry")
-    make_env = policy.env_maker(graph, engine, config.steps)
+    make_env = policy.env_maker(graph, engine, config.rollout_steps)
     predictor = service if service.deterministic else make_latency_service("cost", device)
     bar = None
     progress = None

@@ -32,9 +32,15 @@ if TYPE_CHECKING:
 SEARCH_METHODS = ("greedy", "backtrack", "random")
 
 
+DEFAULT_ROLLOUT_STEPS = 50  # the shipped policy's training episodes are 50 steps long
+
+
 @dataclass(frozen=True)
 class SearchConfig:
-    steps: int = option("most rewrites on one path", 50, kind=int)  # greedy steps, rollout length, backtracking depth
+    # 0 lets greedy run until nothing improves and backtracking until its budget: a 12-layer transformer needs
+    # about 100 rewrites (zoo bert-base: 96), and a cap of 50 stopped both searches half-way through the layers
+    steps: int = option("most rewrites on one path (0: no limit for greedy and backtracking; policy and random "
+                        f"rollouts then take {DEFAULT_ROLLOUT_STEPS})", 0, kind=int)
     rollouts: int = option("policy: sampled rollouts besides the greedy one; random search: rollouts", 4, kind=int)
     budget: int = option("backtrack search: graphs expanded", 100, kind=int)  # each expansion evaluates all its matches
     alpha: float = option("backtrack search: relaxation factor", 1.05, kind=float)  # keep graphs within alpha x the best
@@ -57,6 +63,15 @@ class SearchConfig:
             raise BadInputError("--time-limit must be >= 0")
         if not 0.0 <= self.min_improvement < 1.0:
             raise BadInputError("min_improvement must be in [0, 1)")
+
+    @property
+    def rollout_steps(self) -> int:
+        """Rewrites per rollout of a policy or of the random search (a walk needs an end: `steps`, else the default)."""
+        return self.steps or DEFAULT_ROLLOUT_STEPS
+
+    def path_allows(self, length: int) -> bool:
+        """Whether greedy or backtracking may extend a path of `length` rewrites."""
+        return not self.steps or length < self.steps
 
 
 @dataclass
@@ -160,18 +175,25 @@ def greedy_search(
     config: SearchConfig = SearchConfig(),
     on_step: StepCallback | None = None,
 ) -> SearchResult:
-    """Apply the best immediate improvement until no match improves (or `steps` rewrites were applied)."""
+    """Apply the best immediate improvement until no match improves (or `steps` rewrites were applied).
+
+    Children are priced like backtracking's (`TimedLatency.estimate`: the parent plus the rewrite's regional
+    change, for a service that prices rewrites); the chosen one is priced whole before it is taken."""
     started, evaluate, state = _begin(graph, service, config, on_step)
     current = graph
-    for step in range(1, config.steps + 1):
-        best_child: tuple[Match, Graph, Latency] | None = None
+    step = 0
+    while config.path_allows(step):
+        step += 1
+        best_child: tuple[Match, Graph, float] | None = None
         children = _children(engine, current, config.max_candidates)
+        current_ms = latency_ms(evaluate(current))
         for match, child in children:
             state.see(child)
-            latency = evaluate(child)
-            if best_child is None or latency_ms(latency) < latency_ms(best_child[2]):
-                best_child = (match, child, latency)
-        if best_child is None or not state.offer(best_child[1], best_child[2], state.best_path + [best_child[0]]):
+            child_ms = evaluate.estimate(current, current_ms, match, child)
+            if best_child is None or child_ms < best_child[2]:
+                best_child = (match, child, child_ms)
+        if best_child is None or not state.offer(best_child[1], evaluate(best_child[1]),
+                                                 state.best_path + [best_child[0]]):
             break
         current = state.best
         state.log(step, latency_ms(state.best_latency), len(children))
@@ -213,7 +235,7 @@ def backtracking_search(
         if current_ms > config.alpha * latency_ms(state.best_latency):
             continue  # the bound tightened since it was queued
         expansions += 1
-        children = _children(engine, current, config.max_candidates) if len(path) < config.steps else []
+        children = _children(engine, current, config.max_candidates) if config.path_allows(len(path)) else []
         # children are priced from the parent's whole-graph latency plus their rewrite's change (on the changed
         # region, for a service that prices rewrites); one that would become the incumbent is priced whole
         parent_ms = latency_ms(evaluate(current))
@@ -242,7 +264,7 @@ def random_search(
     config: SearchConfig = SearchConfig(),
     on_step: StepCallback | None = None,
 ) -> SearchResult:
-    """`rollouts` random walks of up to `steps` uniformly chosen rewrites each; the best graph on any walk wins."""
+    """`rollouts` random walks of up to `rollout_steps` uniformly chosen rewrites each; the best graph on any walk wins."""
     if config.rollouts < 1:
         raise BadInputError("--rollouts must be >= 1 for the random search (>= 0 with a policy)")
     started, evaluate, state = _begin(graph, service, config, on_step)
@@ -250,7 +272,7 @@ def random_search(
     step_count = 0
     for rollout in range(config.rollouts):
         current, path = graph, []
-        for _ in range(config.steps):
+        for _ in range(config.rollout_steps):
             matches = list(engine.matches(current))
             available = len(matches)
             child = None
