@@ -366,3 +366,30 @@ def test_old_env_config_dicts_keep_the_old_behaviour():
     config = EnvConfig.from_dict(old)
     assert (config.node_costs, config.macro_actions, config.cost_features, config.revisit_penalty, config.mask_taken,
             config.patience) == (False, False, False, 0.0, False, 0)
+
+
+def test_policy_search_polishes_its_best_graph_greedily():
+    """A policy that stops at once leaves the input; with polish (the default, on a deterministic predictor)
+    greedy continues from the rollouts' best graph, so the result is greedy's local optimum, and its path
+    replays to it."""
+    from tests.test_search import attention_like_model
+    from xrlflow.search import SearchConfig, policy_search, run_search
+
+    graph = load_graph(attention_like_model(layers=2, width=16))
+    engine, cost = default_engine(), CostModel()
+    config = EnvConfig(max_nodes=256, max_edges=512, max_candidates=64, max_steps=8)
+
+    def make_env(latency, predictor):
+        return GraphRewriteEnv({"m": graph}, latency, config, engine, predictor=predictor)
+
+    def stop_at_once(obs, mask, rng):
+        return config.max_candidates  # the stop action
+
+    unpolished = policy_search(graph, cost, make_env, stop_at_once, SearchConfig(rollouts=1, polish=False))
+    assert unpolished.best.structural_hash() == graph.structural_hash() and not unpolished.applied
+    polished = policy_search(graph, cost, make_env, stop_at_once, SearchConfig(rollouts=1))
+    greedy = run_search("greedy", graph, engine, cost, SearchConfig())
+    assert polished.best.structural_hash() == greedy.best.structural_hash()
+    assert polished.best_latency.ms == pytest.approx(greedy.best_latency.ms)
+    assert polished.best_latency.ms < cost.latency(graph).ms
+    assert engine.apply_sequence(graph, polished.applied).structural_hash() == polished.best.structural_hash()

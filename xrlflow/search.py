@@ -48,6 +48,9 @@ class SearchConfig:
                                "expansions spent are reported)", 0.0, kind=float)
     min_improvement: float = 0.0  # relative gain a step must bring to count as an improvement
     max_candidates: int = 0  # greedy/backtrack: evaluate at most this many matches per graph (0: all)
+    # policy: continue greedily from the rollouts' best graph on the predictor (a deterministic one: the cost
+    # model), so a rollout that stopped one improving rewrite short of a local optimum does not lose to greedy
+    polish: bool = True
     seed: int = option("random search, sampled policy rollouts and random verification inputs", 0, kind=int)
 
     def __post_init__(self) -> None:
@@ -317,7 +320,8 @@ def policy_search(
     rollout's final graph and its best graph by the predictor are then given to `service`, each distinct
     graph once (by structural hash), and the fastest of those by `service` wins, the input included. With
     `service` the predictor itself nothing is priced twice. `on_step` sees every rollout step (latencies by
-    the predictor); `progress` sees rollouts and measurements done."""
+    the predictor); `progress` sees rollouts and measurements done. With `config.polish` and a deterministic
+    predictor, greedy continues from the rollouts' best graph and its result joins the shortlist."""
     import numpy as np
 
     started = time.perf_counter()
@@ -351,6 +355,13 @@ def policy_search(
             shortlist.setdefault(g.structural_hash(), (g, path))
         if progress is not None:
             progress("rollout", rollout + 1, total)
+    if config.polish and walk_service.deterministic:
+        polished = greedy_search(walk.best, env.engine, walk_service,
+                                 SearchConfig(steps=0, max_candidates=config.max_candidates))
+        if polished.applied:
+            path = list(walk.best_path) + polished.applied
+            walk.offer(polished.best, polished.best_latency, path)
+            shortlist.setdefault(polished.best.structural_hash(), (polished.best, path))
     shortlist.pop(graph.structural_hash(), None)
     for done_count, (g, path) in enumerate(shortlist.values(), 1):
         state.offer(g, evaluate(g), path)
