@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from xrlflow.atomic import write_bytes
 from xrlflow.paired_timing import fill_weights, strip_weights
 
 HEAD_MAJOR_PREFIX = "head-major"
@@ -112,8 +113,6 @@ def variants(name: str, batch: int, seq: int, small: bool = False) -> Iterator[t
 
 # ---- the three phases --------------------------------------------------------------------------------------
 def prepare(args: argparse.Namespace) -> int:
-    import onnx
-
     from xrlflow.costmodel import CostModel
     from xrlflow.onnx_io import to_model
     from xrlflow.verify import verify_models
@@ -132,9 +131,7 @@ def prepare(args: argparse.Namespace) -> int:
                 rows[label] = {**rows[label], "predicted_ms": cost.ms, "kernels": int(cost.features[1]),
                                "table_coverage": model.table_coverage(graph)}
                 print(f"[{name}] {label}: {cost.ms:.4f} ms predicted, coverage {rows[label]['table_coverage']:.2f}", flush=True)
-        tmp = folder / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(folder / "manifest.json")
+        write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         return 0
     for name in args.models:
         rows: dict[str, dict] = {}
@@ -151,17 +148,13 @@ def prepare(args: argparse.Namespace) -> int:
             cost = model.estimate(graph)
             file = f"{name}/{label}.onnx"
             (folder / name).mkdir(exist_ok=True)
-            tmp = folder / (file + ".tmp")
-            onnx.save(strip_weights(proto), tmp)
-            tmp.replace(folder / file)
+            write_bytes(folder / file, strip_weights(proto).SerializeToString())
             rows[label] = {"file": file, "predicted_ms": cost.ms, "kernels": int(cost.features[1]),
                            "table_coverage": model.table_coverage(graph), "status": status}
             print(f"[{name}] {label}: {cost.ms:.4f} ms predicted, {rows[label]['kernels']} kernels, "
                   f"coverage {rows[label]['table_coverage']:.2f}, {status}", flush=True)
         manifest["models"][name] = rows
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(folder / "manifest.json")
+    write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
     return 0
 
 

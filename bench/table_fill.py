@@ -39,6 +39,8 @@ import random
 import sys
 from pathlib import Path
 
+from xrlflow.atomic import write_bytes
+
 from xrlflow.testing import load_model, random_sequences
 
 from xrlflow.paired_timing import fill_weights, strip_weights
@@ -118,14 +120,10 @@ def export(args: argparse.Namespace) -> int:
         return 1 if missing else 0
     for key, model, runtime in distinct_kernel_models(graphs(), profile, table.entries):
         name = f"k{len(manifest):04d}.onnx"
-        tmp = folder / (name + ".tmp")
-        tmp.write_bytes(strip_weights(model).SerializeToString())
-        tmp.replace(folder / name)
+        write_bytes(folder / name, strip_weights(model).SerializeToString())
         manifest.append({"file": name, "key": key, "inputs": [[n, t, list(s)] for n, t, s in runtime],
                          "ops": [node.op_type for node in model.graph.node]})
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(folder / "manifest.json")
+    write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
     size = sum(p.stat().st_size for p in folder.iterdir())
     print(f"{len(manifest)} kernels missing from {args.table} written to {folder} ({size / 1e6:.1f} MB)")
     return 0
