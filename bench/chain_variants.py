@@ -10,7 +10,7 @@ each rule's run), and the contrib-op attention fusions; each with the cost model
 
 `prepare --predict-only` re-prices an existing set after the table changed (bench/table_fill.py merge), keeping
 its files and timings. `prepare` verifies each variant against the original on onnxruntime's CPU EP and writes it with its large
-weights stripped (bench/pipeline_speedup.py's strip_weights), so the set travels in a few MB. `time` refills
+weights stripped (xrlflow.paired_timing.strip_weights), so the set travels in a few MB. `time` refills
 them with random values and times each variant against the canonical graph as paired, interleaved A/B runs
 (xrlflow/paired_timing.py; numpy, onnx and onnxruntime only). `report` computes Spearman between the predicted
 and the measured times per model and says whether the chain's first step is predicted and measured slower
@@ -286,10 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--json", nargs="+", required=True)
     pr.add_argument("-o", "--output", default=None)
     args = p.parse_args(argv)
-    try:
-        from xrlflow.errors import BadInputError
-    except ImportError:
-        BadInputError = ChainError  # noqa: N806 (a machine without xrlflow: only time runs there)
+    from xrlflow.errors import BadInputError
+
     try:
         if args.command != "prepare" and not (Path(args.dir) / "manifest.json").is_file():
             raise ChainError(f"{args.dir}: no manifest.json (run prepare first)")

@@ -26,7 +26,7 @@ repository root as a module (it imports the chain from tests/):
         --folder .kernels --rewrites
     .venv/bin/python -m bench.table_fill export --table T.json --folder .kernels --rewrites --check   # all measured?
 
-Large float weights are written stripped (bench/pipeline_speedup.py's strip_weights) and refilled with random
+Large float weights are written stripped (xrlflow.paired_timing.strip_weights) and refilled with random
 values by `measure` (a kernel's time does not depend on them), so the folder stays a few MB.
 """
 
@@ -40,10 +40,8 @@ import sys
 from pathlib import Path
 
 from xrlflow.atomic import write_bytes
-
-from xrlflow.testing import load_model, random_sequences
-
 from xrlflow.paired_timing import fill_weights, strip_weights
+from xrlflow.testing import load_model, random_sequences
 
 # the rules whose every site --rewrites applies: transposition algebra, Gemm/MatMul forms, attention fusions
 REWRITE_RULES = (
