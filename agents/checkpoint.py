@@ -26,6 +26,7 @@ from xrlflow.atomic import replacing, write_bytes
 from xrlflow.agents.gnn_policy import CandidateGNNPolicy, CandidateScorer
 from xrlflow.engine import RewriteEngine
 from xrlflow.envs import EnvConfig, GraphRewriteEnv
+from xrlflow.envs.padding import rollout_padding
 from xrlflow.ir import Graph
 from xrlflow.errors import BadInputError
 
@@ -135,18 +136,9 @@ class TrainedPolicy:
         """What `xrlflow.search.policy_search` builds its env with: the trained env config (its op vocabulary
         fixes the feature layout) padded to fit `graph` alone.
 
-        The policy scores each candidate on its own, so any padding works; room is left for rewrites that add
-        nodes (Concat/Split of merges) and for the macro slots beside the single ones. The env is built as
+        The policy scores each candidate on its own, so any padding works (`envs.padding.rollout_padding`). The env is built as
         `maker(latency, predictor=None)` (the predictor prices the candidates' predicted gain)."""
-        trained = self.env_config
-        edges = sum(1 for n in graph.nodes.values() for v in n.inputs if v and v in graph.producer)
-        config = dataclasses.replace(
-            trained,
-            max_nodes=max(trained.max_nodes, 2 * len(graph) + 64),
-            max_edges=max(trained.max_edges, 2 * edges + 128),
-            max_candidates=max(trained.max_candidates, 2 * len(engine.matches(graph)) + 16),
-            max_steps=max(1, steps),
-        )
+        config = dataclasses.replace(rollout_padding(graph, engine, self.env_config), max_steps=max(1, steps))
         return lambda latency, predictor=None: GraphRewriteEnv([("model", graph)], latency, config, engine,
                                                                predictor=predictor)
 

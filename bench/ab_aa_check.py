@@ -1,16 +1,14 @@
 """A/A check of the final A/B `xrlflow optimize` runs (`guarantee.repeated_ab`): how often its interval holds
 1.0 when both models are the same file, against how often one compare's own interval does.
 
-    python bench/ab_aa_check.py [--trials 20] [--repeats 6] [--threads 0]
+    python -m bench.ab_aa_check [--trials 20] [--repeats 6] [--threads 0]
+
+Run from the repository root: the model comes from tests/.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

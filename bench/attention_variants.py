@@ -116,7 +116,7 @@ def build(pipeline: Path, folder: Path) -> None:
 
 
 def time_all(folder: Path, out: Path, cuda_graph_too: bool) -> None:
-    from xrlflow.paired_timing import TimingSetting, fill_weights, paired_timing, random_feeds
+    from xrlflow.paired_timing import TimingSetting, fill_weights, paired_timing
 
     filled = folder / "filled"
     filled.mkdir(exist_ok=True)

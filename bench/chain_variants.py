@@ -10,7 +10,7 @@ each rule's run), and the contrib-op attention fusions; each with the cost model
 
 `prepare --predict-only` re-prices an existing set after the table changed (bench/table_fill.py merge), keeping
 its files and timings. `prepare` verifies each variant against the original on onnxruntime's CPU EP and writes it with its large
-weights stripped (bench/pipeline_speedup.py's strip_weights), so the set travels in a few MB. `time` refills
+weights stripped (xrlflow.paired_timing.strip_weights), so the set travels in a few MB. `time` refills
 them with random values and times each variant against the canonical graph as paired, interleaved A/B runs
 (xrlflow/paired_timing.py; numpy, onnx and onnxruntime only). `report` computes Spearman between the predicted
 and the measured times per model and says whether the chain's first step is predicted and measured slower
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from xrlflow.atomic import write_bytes
 from xrlflow.paired_timing import fill_weights, strip_weights
 
 HEAD_MAJOR_PREFIX = "head-major"
@@ -112,8 +113,6 @@ def variants(name: str, batch: int, seq: int, small: bool = False) -> Iterator[t
 
 # ---- the three phases --------------------------------------------------------------------------------------
 def prepare(args: argparse.Namespace) -> int:
-    import onnx
-
     from xrlflow.costmodel import CostModel
     from xrlflow.onnx_io import to_model
     from xrlflow.verify import verify_models
@@ -132,9 +131,7 @@ def prepare(args: argparse.Namespace) -> int:
                 rows[label] = {**rows[label], "predicted_ms": cost.ms, "kernels": int(cost.features[1]),
                                "table_coverage": model.table_coverage(graph)}
                 print(f"[{name}] {label}: {cost.ms:.4f} ms predicted, coverage {rows[label]['table_coverage']:.2f}", flush=True)
-        tmp = folder / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(folder / "manifest.json")
+        write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         return 0
     for name in args.models:
         rows: dict[str, dict] = {}
@@ -151,17 +148,13 @@ def prepare(args: argparse.Namespace) -> int:
             cost = model.estimate(graph)
             file = f"{name}/{label}.onnx"
             (folder / name).mkdir(exist_ok=True)
-            tmp = folder / (file + ".tmp")
-            onnx.save(strip_weights(proto), tmp)
-            tmp.replace(folder / file)
+            write_bytes(folder / file, strip_weights(proto).SerializeToString())
             rows[label] = {"file": file, "predicted_ms": cost.ms, "kernels": int(cost.features[1]),
                            "table_coverage": model.table_coverage(graph), "status": status}
             print(f"[{name}] {label}: {cost.ms:.4f} ms predicted, {rows[label]['kernels']} kernels, "
                   f"coverage {rows[label]['table_coverage']:.2f}, {status}", flush=True)
         manifest["models"][name] = rows
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(folder / "manifest.json")
+    write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
     return 0
 
 
@@ -293,10 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--json", nargs="+", required=True)
     pr.add_argument("-o", "--output", default=None)
     args = p.parse_args(argv)
-    try:
-        from xrlflow.errors import BadInputError
-    except ImportError:
-        BadInputError = ChainError  # noqa: N806 (a machine without xrlflow: only time runs there)
+    from xrlflow.errors import BadInputError
+
     try:
         if args.command != "prepare" and not (Path(args.dir) / "manifest.json").is_file():
             raise ChainError(f"{args.dir}: no manifest.json (run prepare first)")

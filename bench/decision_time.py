@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import xrlflow
     from xrlflow.costmodel import CostModel
     from xrlflow.onnx_io import load_graph
-    from xrlflow.optimizer import search_with_policy
+    from xrlflow.agents.policy_search import search_with_policy
     from xrlflow.report import markdown_table, write_json, write_text
     from xrlflow.rules import RULE_FINGERPRINT, default_engine
     from xrlflow.search import SearchConfig, run_search

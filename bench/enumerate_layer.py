@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xrlflow.atomic import write_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 LAYER_FAMILIES = ("bert-base", "gpt2", "mini-dalle", "transformer-transducer", "vit-base")
 
@@ -270,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     text = render(reports, args, time.perf_counter() - started)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        write_bytes(args.out, (text + "\n").encode())
     else:
         print(text)
     return 0

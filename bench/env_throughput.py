@@ -32,6 +32,7 @@ def part_env(model: str, steps: int, seed: int, features: bool = True) -> dict:
 
     from xrlflow.costmodel import CostModel
     from xrlflow.envs import EnvConfig, GraphRewriteEnv
+    from xrlflow.envs.features import edge_count
     from xrlflow.onnx_io import load_graph
     from xrlflow.zoo import export_model
 
@@ -58,7 +59,8 @@ def part_env(model: str, steps: int, seed: int, features: bool = True) -> dict:
         def node_costs(self, g):
             return service.node_costs(g)
 
-    edges = sum(1 for n in graph.nodes.values() for v in n.inputs if v and v in graph.producer)
+    edges = edge_count(graph)
+    # the default padding (or a quarter above the graph): the same arrays as the committed results were timed on
     cfg = EnvConfig(max_nodes=max(2048, len(graph.nodes) * 5 // 4), max_edges=max(4096, edges * 5 // 4),
                     max_candidates=256, max_steps=50, macro_actions=features, cost_features=features)
     reward_service, predictor = Timed(), Timed()

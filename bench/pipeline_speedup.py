@@ -2,9 +2,13 @@
 
 Three phases, because the GPU machine has little time and no `transformers`:
 
-    python bench/pipeline_speedup.py prepare --dir bench/out/pipeline [--models hf-bert-base zoo-bert-base-b8 ...]
+    python -m bench.pipeline_speedup prepare --dir bench/out/pipeline [--models hf-bert-base zoo-bert-base-b8 ...]
     python bench/pipeline_speedup.py time --dir bench/out/pipeline --json $OUT/timing.json [--no-cuda-graph] [--device cpu]
     python bench/pipeline_speedup.py report --dir bench/out/pipeline --json timing.json ... -o bench/results/pipeline_speedup_h200.md
+
+`prepare` of the Hugging Face models imports bench/hf_models.py: run it from the repository root as a module.
+`time` imports numpy, onnx, onnxruntime and torch-free xrlflow modules only (on the GPU machine xrlflow comes
+from PYTHONPATH).
 
 `prepare` (any CPU) exports each model, produces every method's model, verifies each against the original on
 onnxruntime's CPU EP (fp32 tolerances; fp16 ones at fp16 tolerances), and writes them with their large
@@ -33,12 +37,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from xrlflow.paired_timing import STRIP_MARK, TimingSetting, fill_weights, paired_timing, strip_weights  # noqa: F401
+from xrlflow.paired_timing import TimingSetting, fill_weights, paired_timing, strip_weights
 
-HERE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,7 @@ METHODS = ("pipeline", "ort-opt", "xrlflow", "pipeline-fp16", "ort-opt-fp16", "l
 
 def export_original(spec: ModelSpec, path: Path, legacy: bool = False) -> Path:
     if spec.source == "hf":
-        sys.path.insert(0, str(HERE))
-        from hf_models import HFExport, export
+        from bench.hf_models import HFExport, export
 
         hf = HFExport(spec.arch, spec.layers, spec.batch, spec.seq, legacy=legacy, attn="eager" if legacy else "sdpa",
                       opset=17 if legacy else 18, hidden=spec.hidden)

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from xrlflow.agents import read_meta
-    from xrlflow.optimizer import search_with_policy
+    from xrlflow.agents.policy_search import search_with_policy
     from xrlflow.report import markdown_table, write_json, write_text
     from xrlflow.rules import default_engine
     from xrlflow.search import SearchConfig, greedy_search

@@ -20,7 +20,8 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from xrlflow.atomic import write_bytes
 
 # what bench/results/search_chains.md ran; full:backtrack:all:1000 takes about an hour on 2 cores (3.3 s per expansion)
 DEFAULT_RUNS = ("layer:greedy:all", "layer:backtrack:all:1000", "layer:greedy:chain", "layer:backtrack:chain:1000",
@@ -161,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     text = render(rows, args, time.perf_counter() - started)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        write_bytes(args.out, (text + "\n").encode())
     else:
         print(text)
     return 0

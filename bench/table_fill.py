@@ -26,7 +26,7 @@ repository root as a module (it imports the chain from tests/):
         --folder .kernels --rewrites
     .venv/bin/python -m bench.table_fill export --table T.json --folder .kernels --rewrites --check   # all measured?
 
-Large float weights are written stripped (bench/pipeline_speedup.py's strip_weights) and refilled with random
+Large float weights are written stripped (xrlflow.paired_timing.strip_weights) and refilled with random
 values by `measure` (a kernel's time does not depend on them), so the folder stays a few MB.
 """
 
@@ -39,9 +39,9 @@ import random
 import sys
 from pathlib import Path
 
-from xrlflow.testing import load_model, random_sequences
-
+from xrlflow.atomic import write_bytes
 from xrlflow.paired_timing import fill_weights, strip_weights
+from xrlflow.testing import load_model, random_sequences
 
 # the rules whose every site --rewrites applies: transposition algebra, Gemm/MatMul forms, attention fusions
 REWRITE_RULES = (
@@ -118,14 +118,10 @@ def export(args: argparse.Namespace) -> int:
         return 1 if missing else 0
     for key, model, runtime in distinct_kernel_models(graphs(), profile, table.entries):
         name = f"k{len(manifest):04d}.onnx"
-        tmp = folder / (name + ".tmp")
-        tmp.write_bytes(strip_weights(model).SerializeToString())
-        tmp.replace(folder / name)
+        write_bytes(folder / name, strip_weights(model).SerializeToString())
         manifest.append({"file": name, "key": key, "inputs": [[n, t, list(s)] for n, t, s in runtime],
                          "ops": [node.op_type for node in model.graph.node]})
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(folder / "manifest.json")
+    write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
     size = sum(p.stat().st_size for p in folder.iterdir())
     print(f"{len(manifest)} kernels missing from {args.table} written to {folder} ({size / 1e6:.1f} MB)")
     return 0

@@ -35,7 +35,7 @@ def check_and_run(path: Path, config: zoo.ModelConfig) -> float:
         spec.name: rng.standard_normal(spec.shape, dtype=np.float32)
         if spec.integer_high is None
         else rng.integers(0, spec.integer_high, spec.shape, dtype=np.int64)
-        for spec in zoo.input_specs(config)
+        for spec in zoo.model_inputs(config)
     }
     session.run(None, feeds)  # warm-up
     started = time.perf_counter()
@@ -66,7 +66,7 @@ def main() -> int:
             ort_ms = check_and_run(path, config)
             row = {
                 "name": name,
-                "shape": ", ".join(spec.shape_text() for spec in zoo.input_specs(config)),
+                "shape": ", ".join(spec.shape_text() for spec in zoo.model_inputs(config)),
                 "params": zoo.count_parameters(config),
                 "nodes": len(model.graph.node),
                 "megabytes": size / 1e6,

@@ -109,3 +109,9 @@ class GraphFeaturizer:
         row[1 + _DTYPE_BUCKET.get(graph.dtype(value) or 0, 3)] = 1.0
         row[5] = float(graph.is_constant(value))
         return row
+
+
+def edge_count(graph: Graph) -> int:
+    """The edges an observation holds: node inputs produced by another node (graph inputs and initializers
+    are no edges)."""
+    return sum(1 for node in graph.nodes.values() for value in node.inputs if value and value in graph.producer)

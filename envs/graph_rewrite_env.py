@@ -64,7 +64,7 @@ from gymnasium import spaces
 
 from xrlflow.cli_options import option
 from xrlflow.engine import Match, RewriteEngine
-from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFeaturizer, node_feature_size
+from xrlflow.envs.features import DEFAULT_OP_VOCABULARY, EDGE_FEATURES, GraphFeaturizer, edge_count, node_feature_size
 from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import Graph
 from xrlflow.latency import Latency, LatencyService, NodeCosts
@@ -260,7 +260,7 @@ class GraphRewriteEnv(gym.Env):
         return list(self._applied)
 
     def _check_fits(self, name: str, g: Graph) -> None:
-        edges = sum(1 for n in g.nodes.values() for v in n.inputs if v and v in g.producer)
+        edges = edge_count(g)
         if len(g.nodes) > self.config.max_nodes:
             raise BadInputError(
                 f"graph {name!r} has {len(g.nodes)} nodes, more than EnvConfig.max_nodes={self.config.max_nodes}")

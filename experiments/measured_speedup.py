@@ -138,6 +138,7 @@ def _paired(service, graph, candidate_model: onnx.ModelProto) -> Cell:
 
 def run_model(name: str, args: argparse.Namespace, measured, search_service, policy: str | None) -> Row:
     from xrlflow.onnx_io import load_graph
+    from xrlflow.agents.policy_search import search_with_policy
     from xrlflow.optimizer import OptimizeConfig, SearchConfig, VerificationError, optimize
     from xrlflow.verify import verify_models
     from xrlflow.zoo import export_model
@@ -163,7 +164,7 @@ def run_model(name: str, args: argparse.Namespace, measured, search_service, pol
     for method, config in searches:
         started = time.perf_counter()
         try:
-            result = optimize(model, config, latency_service=search_service)
+            result = optimize(model, config, latency_service=search_service, policy_searcher=search_with_policy)
         except VerificationError as exc:
             row.cells[method] = Cell(note=f"verification failed: {exc}"[:160])
             continue

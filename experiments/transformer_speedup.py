@@ -35,6 +35,7 @@ from pathlib import Path
 # only what the `time` phase may load: no torch, no transformers (prepare imports those inside its functions)
 import onnx
 
+from xrlflow.atomic import write_bytes
 from xrlflow.paired_timing import TimingSetting, fill_weights, paired_timing, strip_weights
 
 # model -> (shape family, onnxruntime.transformers model_type)
@@ -115,9 +116,7 @@ def produce(name: str, method: str, original: onnx.ModelProto, args: argparse.Na
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    write_bytes(path, json.dumps(data, indent=1, default=str).encode())
 
 
 def _set_size(folder: Path) -> int:

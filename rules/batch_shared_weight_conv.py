@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node
 from xrlflow.rules.common import (
     ConvSpec, concat, conv_spec, normalize_axis, rewritable, sole_reader, split, split_sizes, with_dim,
@@ -77,7 +78,7 @@ class BatchSharedWeightConv(Rule):
         s1, s2 = conv_spec(g, first), conv_spec(g, second)
         assert s1 is not None and s2 is not None
         batches = [s1.out_shape[0], s2.out_shape[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         inputs = [concat(e, g, [s1.x, s2.x], axis=0), s1.weight] + ([s1.bias] if s1.bias is not None else [])
         out_type = with_dim(g.types[first.outputs[0]], 0, sum(batches))
         y = e.add("Conv", inputs, [out_type], first.attributes)[0]
@@ -120,7 +121,7 @@ class UnbatchSharedWeightConv(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         conv, cat, split_node = (g.nodes[n] for n in nodes)
         out_type = g.types[conv.outputs[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         for part, out in zip(cat.inputs, split_node.outputs):
             t = with_dim(out_type, 0, g.static_shape(part)[0])  # type: ignore[index]
             y = e.add("Conv", (part,) + conv.inputs[1:], [t], conv.attributes)[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import (
     computed, concat, matmul_shape, normalize_axis, producer_op, rewritable, sole_reader, split, split_sizes,
@@ -84,7 +85,7 @@ class BatchSharedWeightMatMul(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         first, second = g.nodes[nodes[0]], g.nodes[nodes[1]]
         w = first.inputs[1]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         stacked = concat(e, g, [first.inputs[0], second.inputs[0]], axis=-2)
         out_shapes = [g.static_shape(n.outputs[0]) for n in (first, second)]
         merged_shape = out_shapes[0][:-2] + (out_shapes[0][-2] + out_shapes[1][-2], out_shapes[0][-1])  # type: ignore[index]
@@ -137,7 +138,7 @@ class UnbatchSharedWeightMatMul(Rule):
         mm, cat, split_node = (g.nodes[n] for n in nodes)
         w = mm.inputs[1]
         dtype = g.dtype(mm.outputs[0])
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         for piece, out in zip(cat.inputs, split_node.outputs):
             shape = matmul_shape(g.static_shape(piece), g.static_shape(w))  # type: ignore[arg-type]
             e.replace_value(out, e.add1("MatMul", [piece, w], TensorType(dtype, shape)))  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node
 from xrlflow.rules.common import constant_ints, normalize_axis, rewritable, split_sizes
 
@@ -51,7 +52,7 @@ class CancelSplitConcat(Rule):
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         concat, split = g.nodes[nodes[0]], g.nodes[nodes[1]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(concat.name)
         e.replace_value(concat.outputs[0], split.inputs[0])
         return e.commit()
@@ -88,7 +89,7 @@ class CancelConcatSplit(Rule):
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         split, concat = g.nodes[nodes[0]], g.nodes[nodes[1]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(split.name)
         for out, source in zip(split.outputs, concat.inputs):
             e.replace_value(out, source)
@@ -161,7 +162,7 @@ class CancelSliceConcat(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         (index,) = params
         node, concat = g.nodes[nodes[0]], g.nodes[nodes[1]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(node.name)
         e.replace_value(node.outputs[0], concat.inputs[index])
         return e.commit()

@@ -167,7 +167,7 @@ def shape_of(g: Graph, *values: str) -> tuple[int, ...] | None:
 
 def regroup(g: Graph, origin: str, outer: Node, grouped: tuple[str, str], outside: str, grouped_first: bool) -> Graph:
     """`outer`'s output recomputed as op(outside, op(*grouped)), or op(op(*grouped), outside) when `grouped_first`."""
-    e = g.edit(origin)
+    e = GraphEdit(g, origin)
     inner = e.add1(outer.op_type, list(grouped), TensorType(g.dtype(grouped[0]), shape_of(g, *grouped)))  # type: ignore[arg-type]
     operands = [inner, outside] if grouped_first else [outside, inner]
     e.replace_value(outer.outputs[0], e.add1(outer.op_type, operands, g.types[outer.outputs[0]]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph
 from xrlflow.rules.common import ints_constant, rewritable
 from xrlflow.rules.common import computed, producer_op
@@ -38,7 +39,7 @@ class ComposeReshapes(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         outer, inner = g.nodes[nodes[0]], g.nodes[nodes[1]]
         out = outer.outputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.replace_value(out, e.add1("Reshape", [inner.inputs[0], ints_constant(e, g.static_shape(out))], g.types[out]))  # type: ignore[arg-type]
         return e.commit()
 
@@ -58,6 +59,6 @@ class CancelIdentityReshape(Rule):
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         node = g.nodes[nodes[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.replace_value(node.outputs[0], node.inputs[0])
         return e.commit()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import rewritable
 from xrlflow.rules.common import computed, producer_op
@@ -77,7 +78,7 @@ class ComposeTransposes(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         outer, inner = g.nodes[nodes[0]], g.nodes[nodes[1]]
         perm = compose(transpose_perm(g, inner), transpose_perm(g, outer))  # type: ignore[arg-type]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.replace_value(outer.outputs[0], e.add1("Transpose", [inner.inputs[0]], g.types[outer.outputs[0]], perm=perm))
         return e.commit()
 
@@ -113,7 +114,7 @@ class SplitTranspose(Rule):
             first, second = compose(perm, swap), swap  # type: ignore[arg-type]
         else:  # p = swap[r]  =>  r = swap[p]
             first, second = swap, compose(swap, perm)  # type: ignore[arg-type]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         mid = add_transpose(e, g, x, g.types[x], first)
         e.replace_value(tr.outputs[0], e.add1("Transpose", [mid], g.types[tr.outputs[0]], perm=second))
         return e.commit()
@@ -137,6 +138,6 @@ class CancelIdentityTranspose(Rule):
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         tr = g.nodes[nodes[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.replace_value(tr.outputs[0], tr.inputs[0])
         return e.commit()

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import (
     INT64, ConvSpec, constant_ints, conv_spec, ints_constant, resized_conv_attributes, rewritable,
@@ -64,7 +65,7 @@ class EnlargeConvKernel(Rule):
         assert spec is not None
         half = [(big - small) // 2 for big, small in zip(kernel, spec.kernel)]
         spatial = len(kernel)
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         # Pad's pads: begins of every weight axis, then ends; the two channel axes stay as they are.
         pad_amounts = ints_constant(e, [0, 0] + half + [0, 0] + half)
         # The zero fill is a Cast of an int constant, not a constant: onnxruntime's PadFusion (level 1, run
@@ -138,7 +139,7 @@ class ShrinkConvKernel(Rule):
         weight = pad.inputs[0]
         kernel = tuple(g.static_shape(weight)[2:])  # type: ignore[index]
         pads = tuple(p - added[i % len(added)] for i, p in enumerate(spec.pads))
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         inputs = [spec.x, weight] + ([spec.bias] if spec.bias is not None else [])
         y = e.add("Conv", inputs, [g.types[conv.outputs[0]]], resized_conv_attributes(conv, kernel, pads))[0]
         e.replace_value(conv.outputs[0], y)

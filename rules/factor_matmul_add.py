@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, TensorType
 from xrlflow.rules.common import (
     broadcast_shape, computed, matmul_pair_shares_input, matmul_shape, other_operand, producer_op, rewritable,
@@ -44,7 +45,7 @@ class FactorMatMulAdd(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         add, m1, m2 = (g.nodes[n] for n in nodes)
         a, b = m1.inputs[1], m2.inputs[1]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         weight = e.add1("Add", [a, b], g.types[a])
         e.replace_value(add.outputs[0], e.add1("MatMul", [m1.inputs[0], weight], g.types[add.outputs[0]]))
         return e.commit()
@@ -80,7 +81,7 @@ class ExpandMatMulAdd(Rule):
         mm, add = g.nodes[nodes[0]], g.nodes[nodes[1]]
         x = mm.inputs[0]
         out_type = g.types[mm.outputs[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         terms = [e.add1("MatMul", [x, w], out_type) for w in add.inputs]
         e.replace_value(mm.outputs[0], e.add1("Add", terms, out_type))
         return e.commit()
@@ -114,7 +115,7 @@ class FactorMulAdd(Rule):
         (factor,) = params
         b, c = other_operand(m1, factor), other_operand(m2, factor)
         dtype = g.dtype(add.outputs[0])
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         inner = e.add1("Add", [b, c], TensorType(dtype, broadcast_shape(g.static_shape(b), g.static_shape(c))))  # type: ignore[arg-type]
         e.replace_value(add.outputs[0], e.add1("Mul", [factor, inner], g.types[add.outputs[0]]))
         return e.commit()
@@ -152,7 +153,7 @@ class ExpandMulAdd(Rule):
         (position,) = params
         factor = mul.inputs[1 - position]
         dtype = g.dtype(mul.outputs[0])
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         terms = [
             e.add1("Mul", [factor, v], TensorType(dtype, broadcast_shape(g.static_shape(factor), g.static_shape(v))))  # type: ignore[arg-type]
             for v in add.inputs

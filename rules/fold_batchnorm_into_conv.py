@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, TensorType
 from xrlflow.rules.common import conv_spec, rewritable, sole_reader
 
@@ -52,7 +53,7 @@ class FoldBatchNormIntoConv(Rule):
         dtype = g.dtype(spec.weight)
         channels = spec.out_channels
         vec = TensorType(dtype, (channels,))
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         eps = e.add1("Cast", [e.add1("Constant", [], TensorType(1, ()), value_float=float(bn.attr("epsilon", 1e-5)))],
                      TensorType(dtype, ()), to=dtype)
         scale = e.add1("Div", [gamma, e.add1("Sqrt", [e.add1("Add", [var, eps], vec)], vec)], vec)

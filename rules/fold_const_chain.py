@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import (
     CHAIN_OPS, FLOAT_TYPES, broadcast_shape, computed, matmul_shape, other_operand, producer_op, is_scalar_constant, read_once_producer,
@@ -151,7 +152,7 @@ class FoldScaleIntoMatMul(Rule):
         else:
             x, out = params[1], mm.outputs[0]
             s = other_operand(scale_node, x)
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         weight = e.add1(scale_node.op_type, [w, s], TensorType(g.dtype(w), shape_of(g, w, s)))  # type: ignore[arg-type]
         e.replace_value(out, e.add1("MatMul", [x, weight], g.types[out]))
         return e.commit()
@@ -193,7 +194,7 @@ class UnfoldScaleFromMatMul(Rule):
         (w,) = params
         x = mm.inputs[0]
         s = other_operand(node, w)
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         product = matmul_shape(g.static_shape(x), g.static_shape(w))  # type: ignore[arg-type]
         y = e.add1("MatMul", [x, w], TensorType(g.dtype(x), product))  # type: ignore[arg-type]
         e.replace_value(mm.outputs[0], e.add1(node.op_type, [y, s], g.types[mm.outputs[0]]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node
 from xrlflow.rules.common import ConvSpec, conv_spec, rewritable, sole_reader
 
@@ -65,7 +66,7 @@ class FuseConvSum(Rule):
         add, c1, c2 = (g.nodes[n] for n in nodes)
         s1, s2 = conv_spec(g, c1), conv_spec(g, c2)
         assert s1 is not None and s2 is not None
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         weight = e.add1("Add", [s1.weight, s2.weight], g.types[s1.weight])
         inputs = [s1.x, weight]
         if s1.bias is not None and s2.bias is not None:
@@ -104,7 +105,7 @@ class SplitConvSum(Rule):
             if bias_sum is not None:
                 biases = (bias_sum.inputs[0], bias_sum.inputs[1])
         out_type = g.types[conv.outputs[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         outs = []
         for w, b in zip(weight_sum.inputs, biases):
             inputs = [spec.x, w] + ([b] if b is not None else [])

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType, make_attributes
 from xrlflow.rules.common import INT64, broadcast_shape, constant_ints, ints_constant, normalize_axis, rewritable, sole_reader
 
@@ -444,7 +445,7 @@ class FuseMultiHeadAttention(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         p = match_attention(g, g.nodes[nodes[0]])
         assert p is not None, "fuse-multihead-attention: the match no longer holds"
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         bias = attention_bias(e, g, p)
         inputs = [p.query.source, p.key.source, p.value.source, "", "", bias]
         while inputs and not inputs[-1]:

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, TensorType, make_attributes
 from xrlflow.rules.common import concat, ints_constant, normalize_axis, rewritable, sole_reader, split, split_sizes
 from xrlflow.rules.fuse_multihead_attention import (
@@ -223,7 +224,7 @@ class FusePackedQkvAttention(Rule):
         p = match_attention(g, first)
         proj = match_projection(g, p) if p is not None else None
         assert p is not None and proj is not None, "fuse-packed-qkv-attention: the match no longer holds"
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         x, w, b = self._packed_inputs(e, g, proj, p.batch, p.seq)
         bias_input = attention_bias(e, g, p)
         inputs = [x, w, b or "", "", "", bias_input]
@@ -244,7 +245,7 @@ class FusePackedQkvAttention(Rule):
         fused = match_fused_attention(g, node)
         proj = match_projection(g, fused.operands) if fused is not None else None
         assert fused is not None and proj is not None, "fuse-packed-qkv-attention: the match no longer holds"
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         p = fused.operands
         x, w, b = self._packed_inputs(e, g, proj, p.batch, p.seq)
         inputs = [x, w, b or "", "", "", fused.attention_bias]

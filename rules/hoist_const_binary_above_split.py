@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import broadcast_shape, concat, normalize_axis, rewritable, sole_reader, split, split_sizes
 
@@ -148,7 +149,7 @@ class HoistConstBinaryAboveSplit(Rule):
         readers = [g.nodes[n] for n in nodes[1:]]
         x = split_node.inputs[0]
         operands = [_operands(g, r, out) for r, out in zip(readers, split_node.outputs)]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(*nodes)
         joined = concat(e, g, [ops[1] for ops in operands], aligned)  # type: ignore[index]
         y = _binary(e, readers[0].op_type, x, joined, operands[0][2], g.types[x])  # type: ignore[index]
@@ -192,7 +193,7 @@ class SinkConstBinaryBelowSplit(Rule):
         aligned, sizes = params
         node, split_node = g.nodes[nodes[0]], g.nodes[nodes[1]]
         x, constant, position = _operands(g, node)  # type: ignore[misc]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(*nodes)
         x_dtype = g.types[x].dtype
         pieces = e.add(
@@ -261,7 +262,7 @@ class HoistConstBinaryOverConcat(Rule):
         producers = [g.nodes[n] for n in nodes[1:]]
         operands = [_operands(g, p) for p in producers]
         out_type = g.types[concat_node.outputs[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(*nodes)
         activations = e.add("Concat", [ops[0] for ops in operands], [out_type], concat_node.attributes)[0]  # type: ignore[index]
         constants = concat(e, g, [ops[1] for ops in operands], aligned)  # type: ignore[index]
@@ -304,7 +305,7 @@ class SinkConstBinaryIntoConcat(Rule):
         aligned, sizes = params
         node, concat_node = g.nodes[nodes[0]], g.nodes[nodes[1]]
         _, constant, position = _operands(g, node)  # type: ignore[misc]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(*nodes)
         constant_pieces = split(e, constant, g.types[constant], aligned, sizes)
         results = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import UNARY_ELEMENTWISE, rewritable, sole_reader, unary_elementwise
 
@@ -52,7 +53,7 @@ class HoistUnaryAboveSplit(Rule):
         unaries = [g.nodes[n] for n in nodes[1:]]
         x = split.inputs[0]
         f = unaries[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(split.name, *nodes[1:])
         y = e.add(f.op_type, [x], [TensorType(g.types[f.outputs[0]].dtype, g.types[x].shape)], f.attributes)[0]
         pieces = e.add(
@@ -88,7 +89,7 @@ class SinkUnaryBelowSplit(Rule):
         f, split = g.nodes[nodes[0]], g.nodes[nodes[1]]
         x = f.inputs[0]
         x_dtype = g.types[x].dtype
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(f.name, split.name)
         piece_types = [TensorType(x_dtype, g.types[out].shape) for out in split.outputs]
         pieces = e.add("Split", (x,) + split.inputs[1:], piece_types, split.attributes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import UNARY_ELEMENTWISE, rewritable, sole_reader, unary_elementwise
 
@@ -55,7 +56,7 @@ class HoistUnaryOverConcat(Rule):
         f = unaries[0]
         sources = [u.inputs[0] for u in unaries]
         out_type = g.types[concat.outputs[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(*nodes)
         joined = e.add("Concat", sources, [TensorType(g.types[sources[0]].dtype, out_type.shape)], concat.attributes)[0]
         e.replace_value(concat.outputs[0], e.add(f.op_type, [joined], [out_type], f.attributes)[0])
@@ -87,7 +88,7 @@ class SinkUnaryIntoConcat(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         f, concat = g.nodes[nodes[0]], g.nodes[nodes[1]]
         dtype = g.types[f.outputs[0]].dtype
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.remove(f.name, concat.name)
         activated = [e.add(f.op_type, [v], [TensorType(dtype, g.types[v].shape)], f.attributes)[0] for v in concat.inputs]
         joined = e.add("Concat", activated, [g.types[f.outputs[0]]], concat.attributes)[0]

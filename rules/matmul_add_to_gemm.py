@@ -15,6 +15,7 @@ from math import prod
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import ints_constant, rewritable, sole_reader
 from xrlflow.rules.common import other_operand
@@ -84,7 +85,7 @@ class MatMulAddToGemm(Rule):
         _, b, side = projection(g, add)  # type: ignore[misc]
         a, w = mm.inputs
         a_shape, w_shape, out = g.static_shape(a), g.static_shape(w), g.static_shape(add.outputs[0])
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         if side == "right":
             rows = prod(a_shape[:-1])  # type: ignore[index]
             inputs = [reshaped(e, g, a, (rows, a_shape[-1])), w, reshaped(e, g, b, (w_shape[1],))]  # type: ignore[index]
@@ -123,7 +124,7 @@ class GemmToMatMulAdd(Rule):
         gemm = g.nodes[nodes[0]]
         a, b, c = gemm.inputs
         out = gemm.outputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         y = e.add1("MatMul", [a, b], g.types[out])
         e.replace_value(out, e.add1("Add", [y, c], g.types[out]))
         return e.commit()

@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node
 from xrlflow.rules.common import (
     ConvSpec, concat, conv_spec, merge_order, normalize_axis, rewritable, sole_reader, split, split_sizes, with_dim,
@@ -52,7 +53,7 @@ class MergeParallelConv(Rule):
         widths = [s.out_channels for s in specs]  # type: ignore[union-attr]
         first = specs[0]
         assert first is not None
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         inputs = [first.x, concat(e, g, [s.weight for s in specs], axis=0)]  # type: ignore[union-attr]
         if first.bias is not None:
             inputs.append(concat(e, g, [s.bias for s in specs], axis=0))  # type: ignore[union-attr, misc]
@@ -92,7 +93,7 @@ class SplitMergedConv(Rule):
         conv, split_node = g.nodes[nodes[0]], g.nodes[nodes[1]]
         spec = conv_spec(g, conv)
         assert spec is not None
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         weights = split(e, spec.weight, g.types[spec.weight], 0, sizes)
         biases: list[str | None] = [None] * len(sizes)
         if spec.bias is not None:

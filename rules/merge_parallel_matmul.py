@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from xrlflow.rules.common import concat, merge_order, rewritable, sole_reader, split, split_sizes
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node
 
 
@@ -70,7 +71,7 @@ class MergeParallelMatMul(Rule):
         adds = [g.nodes[n] for n in nodes[count:]] if with_bias else []
         x = matmuls[0].inputs[0]
         widths = [g.static_shape(m.inputs[1])[1] for m in matmuls]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         weight = concat(e, g, [m.inputs[1] for m in matmuls], axis=1)
         x_type = g.types[x]
         out_type = x_type.with_shape(x_type.shape[:-1] + (sum(widths),))
@@ -127,7 +128,7 @@ class SplitMergedMatMul(Rule):
         add = g.nodes[nodes[1]] if len(nodes) == 3 else None
         split_node = g.nodes[nodes[-1]]
         x, w = mm.inputs
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         weights = split(e, w, g.types[w], 1, sizes)
         biases: list[str | None] = [None] * len(sizes)
         if add is not None:

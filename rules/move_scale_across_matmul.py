@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node
 from xrlflow.rules.common import broadcast_shape, rewritable, sole_reader
 from xrlflow.rules.common import other_operand
@@ -66,7 +67,7 @@ class MoveScaleIntoMatMul(Rule):
         (position,) = params
         s = other_operand(after, mm.outputs[0])
         operand = mm.inputs[position]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         scaled = e.add(after.op_type, [operand, s], [g.types[operand]], after.attributes)[0]
         inputs = list(mm.inputs)
         inputs[position] = scaled
@@ -107,7 +108,7 @@ class MoveScaleOutOfMatMul(Rule):
         inputs = list(mm.inputs)
         inputs[position] = operand
         out = mm.outputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         product = e.add1("MatMul", inputs, g.types[out])
         e.replace_value(out, e.add(node.op_type, [product, s], [g.types[out]], node.attributes)[0])
         return e.commit()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph
 from xrlflow.rules.common import rewritable, sole_reader
 from xrlflow.rules.move_scale_across_matmul import rank_ok, scalar_of
@@ -47,7 +48,7 @@ class MoveScaleBeforeReshape(Rule):
         node, reshape = g.nodes[nodes[0]], g.nodes[nodes[1]]
         x = reshape.inputs[0]
         operands = [x if v == reshape.outputs[0] else v for v in node.inputs]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         scaled = e.add(node.op_type, operands, [g.types[x]], node.attributes)[0]
         out = node.outputs[0]
         e.replace_value(out, e.add("Reshape", [scaled, *reshape.inputs[1:]], [g.types[out]], reshape.attributes)[0])
@@ -82,7 +83,7 @@ class MoveScaleAfterReshape(Rule):
         reshape, node = g.nodes[nodes[0]], g.nodes[nodes[1]]
         (x,) = params
         out = reshape.outputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         moved = e.add("Reshape", [x, *reshape.inputs[1:]], [g.types[out]], reshape.attributes)[0]
         operands = [moved if v == x else v for v in node.inputs]
         e.replace_value(out, e.add(node.op_type, operands, [g.types[out]], node.attributes)[0])

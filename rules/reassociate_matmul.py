@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, TensorType
 from xrlflow.rules.common import computed, matmul_shape, producer_op, rewritable, sole_reader
 
@@ -51,7 +52,7 @@ class ReassociateMatMul(Rule):
         x, a = inner.inputs
         b = outer.inputs[1]
         dtype = g.dtype(outer.outputs[0])
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         ab = e.add1("MatMul", [a, b], TensorType(dtype, matmul_shape(g.static_shape(a), g.static_shape(b))))
         y = e.add1("MatMul", [x, ab], g.types[outer.outputs[0]])
         e.replace_value(outer.outputs[0], y)
@@ -89,7 +90,7 @@ class SplitMatMulChain(Rule):
         outer, inner = g.nodes[nodes[0]], g.nodes[nodes[1]]
         x = outer.inputs[0]
         a, b = inner.inputs
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         xa_shape = matmul_shape(g.static_shape(x), g.static_shape(a))  # type: ignore[arg-type]
         xa = e.add1("MatMul", [x, a], TensorType(g.dtype(x), xa_shape))  # type: ignore[arg-type]
         y = e.add1("MatMul", [xa, b], g.types[outer.outputs[0]])

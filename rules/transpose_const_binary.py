@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import broadcast_shape, ints_constant, rewritable, sole_reader
 from xrlflow.rules.compose_transposes import invert, permuted, transpose_perm
@@ -84,7 +85,7 @@ class MoveTransposeAfterConstBinary(Rule):
         position, _, c = split_const(g, op)  # type: ignore[misc]
         perm = transpose_perm(g, tr)
         x = tr.inputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         c_laid = laid_out(e, g, c, len(perm), invert(perm))  # type: ignore[arg-type]
         applied = binary(e, op, position, x, c_laid, g.types[x].with_shape(g.static_shape(x)))  # type: ignore[arg-type]
         e.replace_value(op.outputs[0], e.add1("Transpose", [applied], g.types[op.outputs[0]], perm=perm))
@@ -116,7 +117,7 @@ class MoveTransposeBeforeConstBinary(Rule):
         tr, op = g.nodes[nodes[0]], g.nodes[nodes[1]]
         position, x, c = split_const(g, op)  # type: ignore[misc]
         perm = transpose_perm(g, tr)
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         moved = e.add1("Transpose", [x], g.types[tr.outputs[0]], perm=perm)
         c_laid = laid_out(e, g, c, len(perm), perm)  # type: ignore[arg-type]
         e.replace_value(tr.outputs[0], binary(e, op, position, moved, c_laid, g.types[tr.outputs[0]]))  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType, make_attributes
 from xrlflow.rules.common import ints_constant, rewritable, sole_reader
 from xrlflow.rules.compose_transposes import transpose_perm
@@ -66,7 +67,7 @@ class AbsorbTransposeIntoGemm(Rule):
         flag = FLAG[position]
         inputs = list(gemm.inputs)
         inputs[position] = tr.inputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         attrs = with_flags(gemm, **{flag: 1 - int(gemm.attr(flag, 0))})
         e.replace_value(gemm.outputs[0], e.add("Gemm", inputs, [g.types[gemm.outputs[0]]], attrs)[0])
         return e.commit()
@@ -93,7 +94,7 @@ class ExtractTransposeFromGemm(Rule):
         gemm = g.nodes[nodes[0]]
         (position,) = params
         operand = gemm.inputs[position]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         inputs = list(gemm.inputs)
         inputs[position] = e.add1("Transpose", [operand], swapped_type(g, operand), perm=(1, 0))
         attrs = with_flags(gemm, **{FLAG[position]: 0})
@@ -150,7 +151,7 @@ class TransposeGemm(Rule):
 
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         tr, gemm = g.nodes[nodes[0]], g.nodes[nodes[1]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         e.replace_value(tr.outputs[0], swapped_gemm(e, g, gemm, g.types[tr.outputs[0]]))  # type: ignore[arg-type]
         return e.commit()
 
@@ -172,7 +173,7 @@ class UntransposeGemm(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         gemm = g.nodes[nodes[0]]
         out = gemm.outputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         product = swapped_gemm(e, g, gemm, swapped_type(g, out))
         e.replace_value(out, e.add1("Transpose", [product], g.types[out], perm=(1, 0)))  # type: ignore[list-item]
         return e.commit()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import computed, matmul_shape, producer_op, rewritable, sole_reader
 
@@ -69,7 +70,7 @@ class TransposeMatMul(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         tr, mm = g.nodes[nodes[0]], g.nodes[nodes[1]]
         a, b = mm.inputs
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         y = e.add1("MatMul", [transpose_last_two(e, g, b), transpose_last_two(e, g, a)], g.types[tr.outputs[0]])
         e.replace_value(tr.outputs[0], y)
         return e.commit()
@@ -103,7 +104,7 @@ class UntransposeMatMul(Rule):
         mm, t1, t2 = (g.nodes[n] for n in nodes)
         a, b = t2.inputs[0], t1.inputs[0]
         ab_shape = matmul_shape(g.static_shape(a), g.static_shape(b))  # type: ignore[arg-type]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         ab = e.add1("MatMul", [a, b], TensorType(g.dtype(mm.outputs[0]), ab_shape))  # type: ignore[arg-type]
         y = e.add1("Transpose", [ab], g.types[mm.outputs[0]], perm=swap_last_two(len(ab_shape)))  # type: ignore[arg-type]
         e.replace_value(mm.outputs[0], y)
@@ -137,7 +138,7 @@ class MoveTransposeBeforeUnary(Rule):
         tr, f = g.nodes[nodes[0]], g.nodes[nodes[1]]
         x = f.inputs[0]
         out_type = g.types[tr.outputs[0]]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         moved = e.add1("Transpose", [x], TensorType(g.dtype(x), out_type.shape), perm=perm_of(tr, len(g.static_shape(x))))  # type: ignore[arg-type]
         y = e.add(f.op_type, [moved], [out_type], f.attributes)[0]
         e.replace_value(tr.outputs[0], y)
@@ -169,7 +170,7 @@ class MoveTransposeAfterUnary(Rule):
     def rewrite(self, g: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
         f, tr = g.nodes[nodes[0]], g.nodes[nodes[1]]
         x = tr.inputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         applied = e.add(f.op_type, [x], [TensorType(g.dtype(f.outputs[0]), g.static_shape(x))], f.attributes)[0]  # type: ignore[arg-type]
         y = e.add1("Transpose", [applied], g.types[f.outputs[0]], perm=perm_of(tr, len(g.static_shape(x))))  # type: ignore[arg-type]
         e.replace_value(f.outputs[0], y)

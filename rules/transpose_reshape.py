@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import ints_constant, rewritable, sole_reader
 from xrlflow.rules.compose_transposes import invert, transpose_perm
@@ -152,7 +153,7 @@ class MoveReshapeBeforeTranspose(Rule):
         reshape, tr = g.nodes[nodes[0]], g.nodes[nodes[1]]
         new_shape, new_perm = reshape_first(g, tr, reshape.outputs[0])  # type: ignore[misc]
         x = tr.inputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         r = e.add1("Reshape", [x, ints_constant(e, new_shape)], TensorType(g.dtype(x), new_shape))
         e.replace_value(reshape.outputs[0], e.add1("Transpose", [r], g.types[reshape.outputs[0]], perm=new_perm))
         return e.commit()
@@ -185,7 +186,7 @@ class MoveTransposeBeforeReshape(Rule):
         x = reshape.inputs[0]
         x_shape = g.static_shape(x)
         out = tr.outputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         t = e.add1("Transpose", [x], TensorType(g.dtype(x), tuple(x_shape[a] for a in new_perm)), perm=new_perm)  # type: ignore[index, union-attr]
         e.replace_value(out, e.add1("Reshape", [t, ints_constant(e, g.static_shape(out))], g.types[out]))  # type: ignore[arg-type]
         return e.commit()

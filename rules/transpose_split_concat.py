@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from xrlflow.engine import Rule
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.ir import Graph, Node, TensorType
 from xrlflow.rules.common import concat, normalize_axis, rewritable, sole_reader, split, split_sizes
 from xrlflow.rules.compose_transposes import invert, permuted, transpose_perm
@@ -81,7 +82,7 @@ class MoveTransposeBeforeSplit(Rule):
         readers = [g.nodes[n] for n in nodes[1:]]
         perm = transpose_perm(g, readers[0])
         x = node.inputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         t = transposed(e, g, x, perm)  # type: ignore[arg-type]
         pieces = split(e, t, e.new_types[t], invert(perm)[split_axis(g, node)], split_sizes(g, node))  # type: ignore[arg-type, index]
         for reader, piece in zip(readers, pieces):
@@ -113,7 +114,7 @@ class MoveTransposeAfterSplit(Rule):
         node, tr = g.nodes[nodes[0]], g.nodes[nodes[1]]
         perm = transpose_perm(g, tr)
         x = tr.inputs[0]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         pieces = split(e, x, g.types[x], perm[split_axis(g, node)], split_sizes(g, node))  # type: ignore[index, arg-type]
         for out, piece in zip(node.outputs, pieces):
             e.replace_value(out, e.add1("Transpose", [piece], g.types[out], perm=perm))
@@ -144,7 +145,7 @@ class MoveTransposeAfterConcat(Rule):
         perm = transpose_perm(g, trs[0])
         rank = len(g.static_shape(node.outputs[0]))  # type: ignore[arg-type]
         axis = perm[normalize_axis(int(node.attr("axis")), rank)]  # type: ignore[index]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         joined = concat(e, g, [t.inputs[0] for t in trs], axis)
         e.replace_value(node.outputs[0], e.add1("Transpose", [joined], g.types[node.outputs[0]], perm=perm))
         return e.commit()
@@ -175,7 +176,7 @@ class MoveTransposeBeforeConcat(Rule):
         perm = transpose_perm(g, tr)
         rank = len(perm)  # type: ignore[arg-type]
         axis = invert(perm)[normalize_axis(int(node.attr("axis")), rank)]  # type: ignore[arg-type]
-        e = g.edit(self.name)
+        e = GraphEdit(g, self.name)
         pieces = [transposed(e, g, v, perm) for v in node.inputs]  # type: ignore[arg-type]
         e.replace_value(tr.outputs[0], e.add1("Concat", pieces, g.types[tr.outputs[0]], axis=axis))
         return e.commit()

@@ -1,9 +1,11 @@
 """The bench tools that make committed data: filling a per-kernel table's gaps, recomputing a calibration
-from recorded measurements. Run here on the CPU EP with the small zoo models."""
+from recorded measurements, and the timing phases the GPU machine runs. Run here on the CPU EP with the small
+zoo models."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,58 @@ def bench(*args: str) -> str:
     done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+# Runs a bench script as the GPU machine does (`PYTHONPATH=<repository root> python bench/X.py ...`: xrlflow is not
+# installed there, it comes from the checkout), with torch made unimportable: the timing phases must need numpy,
+# onnx, onnxruntime and torch-free xrlflow modules only.
+_WITHOUT_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None  # `import torch` now raises ImportError
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def gpu_machine_run(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    wrapper = tmp_path / "without_torch.py"
+    wrapper.write_text(_WITHOUT_TORCH)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(wrapper), script, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_timing_check_fails_when_torch_is_imported(tmp_path):
+    done = gpu_machine_run(tmp_path, "bench/zoo_export.py", "--help")  # imports torch at the top
+    assert done.returncode != 0 and "torch" in done.stderr
+
+
+def test_pipeline_speedup_times_a_prepared_pair_the_gpu_machine_way_without_torch(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from xrlflow.paired_timing import strip_weights
+
+    def matmul_model(width: int) -> onnx.ModelProto:
+        weight = numpy_helper.from_array(np.ones((64, width), np.float32), "w")  # large enough to be stripped
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, width])], [weight])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    onnx.save(strip_weights(matmul_model(128)), folder / "m.onnx")
+    onnx.save(strip_weights(matmul_model(64)), folder / "m.xrlflow.onnx")
+    manifest = {"models": {"m": {"nodes": 1, "methods": {"xrlflow": {"file": "m.xrlflow.onnx"}}}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    timing = tmp_path / "timing.json"
+    done = gpu_machine_run(tmp_path, "bench/pipeline_speedup.py", "time", "--dir", str(folder), "--json", str(timing),
+                           "--work", str(tmp_path / "work"), "--device", "cpu", "--cycles", "2", "--runs", "2",
+                           "--methods", "xrlflow")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(timing.read_text())["models"]["m"]["xrlflow"]["speedup"] > 0
 
 
 def test_table_fill_measures_only_the_missing_kernels_and_merges_them(tmp_path):
@@ -180,7 +234,7 @@ def test_chain_variants_prepare_time_and_report_on_the_cpu(tmp_path):
     # the chain's end launches fewer kernels than its start; the fused attention fewer still
     assert rows[chain[-1]]["kernels"] < rows["merged"]["kernels"]
     assert rows["merged+fuse-packed-qkv-attention"]["kernels"] < rows[chain[-1]]["kernels"]
-    from bench.pipeline_speedup import STRIP_MARK
+    from xrlflow.paired_timing import STRIP_MARK
 
     assert any(t.doc_string == STRIP_MARK for t in onnx.load(folder / rows["canonical"]["file"]).graph.initializer)
     # re-pricing (after a table merge) keeps the files; under the same table it gives the same prices
@@ -190,8 +244,9 @@ def test_chain_variants_prepare_time_and_report_on_the_cpu(tmp_path):
     assert set(repriced) == set(rows) and (folder / rows["merged"]["file"]).read_bytes() == before
     assert all(abs(repriced[x]["predicted_ms"] - rows[x]["predicted_ms"]) < 1e-12 for x in rows)
     timing = tmp_path / "timing.json"
-    bench("bench/chain_variants.py", "time", "--dir", str(folder), "--json", str(timing), "--device", "cpu",
-          "--cycles", "2", "--runs", "2", "--work", str(tmp_path / "work"))
+    done = gpu_machine_run(tmp_path, "bench/chain_variants.py", "time", "--dir", str(folder), "--json", str(timing),
+                           "--device", "cpu", "--cycles", "2", "--runs", "2", "--work", str(tmp_path / "work"))
+    assert done.returncode == 0, done.stderr[-2000:]
     timed = json.loads(timing.read_text())["models"]["bert-base"]
     assert set(timed) == set(rows) - {"canonical"} and all("speedup" in t for t in timed.values())
     report = tmp_path / "report.md"

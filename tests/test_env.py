@@ -242,6 +242,31 @@ def test_graph_growing_past_padding_ends_episode():
     assert terminated and info["graph_too_large"] and env.graph is graph and reward == 0.0
 
 
+def test_training_padding_fits_the_largest_graph_with_a_quarter_to_grow_in_steps_of_64():
+    from xrlflow.envs.features import edge_count
+    from xrlflow.envs.padding import training_padding
+
+    small, large = inception_pair(), projections(n=40)
+    padded = training_padding([small, large], SMALL)
+    assert padded.max_nodes % 64 == 0 and padded.max_edges % 64 == 0
+    assert len(large) * 1.25 <= padded.max_nodes < len(large) * 1.25 + 64
+    assert edge_count(large) * 1.25 <= padded.max_edges < edge_count(large) * 1.25 + 64
+    assert training_padding([small], SMALL).max_nodes == 64  # never below one step
+    assert padded.max_candidates == SMALL.max_candidates and padded.max_steps == SMALL.max_steps
+
+
+def test_rollout_padding_never_shrinks_the_trained_one_and_leaves_double_room():
+    from xrlflow.envs.features import edge_count
+    from xrlflow.envs.padding import rollout_padding
+
+    graph = projections(n=40)
+    padded = rollout_padding(graph, ENGINE, SMALL)
+    assert padded.max_nodes == 2 * len(graph) + 64 and padded.max_edges == 2 * edge_count(graph) + 128
+    assert padded.max_candidates == 2 * len(ENGINE.matches(graph)) + 16
+    roomy = EnvConfig(max_nodes=100_000, max_edges=100_000, max_candidates=100_000)
+    assert rollout_padding(graph, ENGINE, roomy) == roomy
+
+
 def test_cost_column_holds_the_cost_models_node_costs_on_bert():
     from xrlflow.envs.features import GraphFeaturizer
     from xrlflow.zoo import export_model

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.rulecheck import ENGINE, ModelBuilder, matches_of
 from xrlflow.errors import BadInputError
+from xrlflow.graph_edit import GraphEdit
 from xrlflow.onnx_io import load_graph, save_model, to_model
 from xrlflow.verify import verify_models
 
@@ -246,7 +247,7 @@ def test_an_edit_that_leaves_a_dangling_read_fails_at_commit():
     from xrlflow.ir import TensorType
 
     g = load_graph(_qkv_model())
-    e = g.edit("broken-rule")
+    e = GraphEdit(g, "broken-rule")
     out = g.by_op("Add")[-1].outputs[0]
     e.replace_value(out, e.add1("Relu", ["no_such_value"], TensorType(1, (2, 4))))
     with pytest.raises(GraphError, match="nothing produces"):

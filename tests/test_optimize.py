@@ -166,6 +166,23 @@ def test_policy_optimize_end_to_end(model_file, tmp_path, tiny_policy):
     assert verify_models(onnx.load(model_file), onnx.load(out)).ok
 
 
+def test_the_policy_search_is_handed_in_not_imported(model_file, tiny_policy):
+    """The optimizer runs a policy through the `policy_searcher` it is given (the agent's), never its own."""
+    from xrlflow.agents.policy_search import search_with_policy
+
+    config = OptimizeConfig(policy=str(tiny_policy), latency="cost", search_config=SearchConfig(rollouts=1, steps=4))
+    with pytest.raises(ValueError, match="policy_searcher"):
+        optimize(str(model_file), config)
+    calls = []
+
+    def recording_searcher(*args):
+        calls.append(args[0])
+        return search_with_policy(*args)
+
+    result = optimize(str(model_file), config, policy_searcher=recording_searcher)
+    assert calls == [str(tiny_policy)] and result.report["method"].startswith("policy")
+
+
 def _fake_checkpoint(folder, fingerprint: str, policy_bytes: bytes):
     folder.mkdir()
     (folder / "policy.zip").write_bytes(policy_bytes)

@@ -23,13 +23,15 @@ def test_shipped_policy_matches_the_registry_and_optimises(run, tmp_path):
     assert sum(f.stat().st_size for f in run.iterdir()) <= 20 * 2**20
     load_policy(run)
 
+    from xrlflow.agents.policy_search import search_with_policy
     from xrlflow.optimizer import OptimizeConfig, optimize
     from xrlflow.search import SearchConfig
     from xrlflow.zoo import export_model
 
     device = meta["train_config"]["device"]
     model = export_model("squeezenet", small=True)
-    result = optimize(model, OptimizeConfig(policy=str(run), latency="cost", device=device, search_config=SearchConfig(rollouts=1, steps=20)))
+    result = optimize(model, OptimizeConfig(policy=str(run), latency="cost", device=device, search_config=SearchConfig(rollouts=1, steps=20)),
+                      policy_searcher=search_with_policy)
     onnx.checker.check_model(result.model, full_check=True)
     assert result.report["verification"]["ok"]
     assert result.report["latency"]["after"]["ms"] <= result.report["latency"]["before"]["ms"]

@@ -31,7 +31,7 @@ def optimize(model_or_path: "str | Any | onnx.ModelProto", *, output: str | None
     """
     from xrlflow.cli_options import config_from, option_names
     from xrlflow.errors import BadInputError
-    from xrlflow.optimize_cli import write_result
+    from xrlflow.optimize_cli import policy_searcher_for, write_result
     from xrlflow.optimizer import OptimizeConfig, optimize as run
 
     unknown = sorted(set(options) - option_names(OptimizeConfig))
@@ -41,7 +41,8 @@ def optimize(model_or_path: "str | Any | onnx.ModelProto", *, output: str | None
         from xrlflow.shipped import resolve_policy
 
         options["policy"] = str(resolve_policy(options["policy"]))
-    result = run(model_or_path, config_from(OptimizeConfig, {"no_progress": True, **options}))
+    config = config_from(OptimizeConfig, {"no_progress": True, **options})
+    result = run(model_or_path, config, policy_searcher=policy_searcher_for(config))
     if output is not None:
         write_result(result, output, external_data)
     return result

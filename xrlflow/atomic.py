@@ -1,10 +1,13 @@
 """Files written atomically: everything goes to a temporary file beside the target, which then replaces the
-target in one rename, so a reader (or a crash) never sees a half-written file."""
+target in one rename, so a reader (or a crash) never sees a half-written file. A file with a companion (an ONNX
+model and its external data) is written as a pair, the companion renamed into place first."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -46,3 +49,26 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+@contextmanager
+def replacing_with_companion(path: str | os.PathLike[str], companion_name: str) -> Iterator[Path]:
+    """A temporary path to write `path` to, in a new folder beside `path`, under `path`'s own name; a file
+    written beside it under `companion_name` is the companion (an ONNX model's external data, which the model
+    names relative to itself, so both keep their final names).
+
+    When the block succeeds the companion, if one was written, replaces `path.parent / companion_name` first,
+    then `path` is replaced: a reader that sees the new `path` sees its complete companion. When it fails
+    neither target is touched. The folder is removed either way, and created when missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = folder / path.name
+        yield tmp
+        companion = folder / companion_name
+        if companion.exists():
+            os.replace(companion, path.parent / companion_name)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

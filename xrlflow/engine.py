@@ -43,7 +43,7 @@ class Rule(ABC):
 
     @abstractmethod
     def rewrite(self, graph: Graph, nodes: tuple[str, ...], params: tuple[Any, ...]) -> Graph:
-        """Return the rewritten graph (through graph.edit(self.name)); `graph` stays unchanged."""
+        """Return the rewritten graph (through GraphEdit(graph, self.name)); `graph` stays unchanged."""
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"

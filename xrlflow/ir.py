@@ -13,16 +13,13 @@ import hashlib
 import heapq
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from xrlflow.errors import GraphError
-
-if TYPE_CHECKING:
-    from xrlflow.graph_edit import GraphEdit
 
 Dim = int | str  # a static size, or the name of a symbolic dimension
 Shape = tuple[Dim, ...]
@@ -377,12 +374,6 @@ class Graph:
             cached = self._cache["pinned"] = frozenset(self.outputs) | implicit
         return cached
 
-    # ---- rewriting ------------------------------------------------------------------------------------------
-    def edit(self, origin: str = "") -> "GraphEdit":
-        from xrlflow.graph_edit import GraphEdit  # graph_edit builds on this module
-
-        return GraphEdit(self, origin)
-
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for node in self.nodes.values():
@@ -438,11 +429,3 @@ class BoundDims:
         new = {out for n in added if any(self.touches(v) for v in n.inputs if v) for out in n.outputs}
         return self if not new else BoundDims(self.per_value, self.derived | new)
 
-
-def __getattr__(name: str) -> Any:
-    """`from xrlflow.ir import GraphEdit` keeps working (it lives in graph_edit.py, which imports this module)."""
-    if name == "GraphEdit":
-        from xrlflow.graph_edit import GraphEdit
-
-        return GraphEdit
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,6 @@ external data streamed past protobuf's 2 GB), and the payload sizes that decide 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import onnx
 import onnx.external_data_helper
 from onnx import numpy_helper
 
+from xrlflow.atomic import replacing_with_companion
 from xrlflow.errors import BadInputError, GraphError
 from xrlflow.ir import PURE_OPS, Graph, Node, OpaqueAttribute, tensor_array
 
@@ -206,7 +206,7 @@ def _fold_rewrite_constants(graph: Graph, order: list[str]) -> dict[str, np.ndar
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool = False) -> None:
-    """Write atomically (temporary files beside the target, then rename): never half-written.
+    """Write atomically (`atomic.replacing_with_companion`: the data file, then the model): never half-written.
 
     With `external_data` (automatic when the model cannot be one protobuf: past 2 GB, or weights still in
     external files) the weights go to `<name>.data` beside it, streamed tensor by tensor; the model is never
@@ -215,15 +215,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], external_da
     path = Path(path)
     if not path.parent.is_dir():
         raise BadInputError(f"{path}: the output folder {path.parent} does not exist")
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
-        tmp = Path(tmpdir) / path.name
+    data_name = f"{path.name}.data"
+    with replacing_with_companion(path, data_name) as tmp:
         if external_data or not fits_in_protobuf(model):
-            data_name = f"{path.name}.data"
             write_with_external_data(model, tmp, data_name)
-            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, str(tmp))
-        os.replace(tmp, path)
 
 
 def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:

@@ -9,11 +9,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xrlflow.cli_options import (
     LOGGER, EXIT_CODES_HELP, EXIT_NOT_VERIFIED, EXIT_OK, add_options, config_from, optional_value,
 )
 from xrlflow.errors import BadInputError
+
+if TYPE_CHECKING:
+    from xrlflow.optimizer import OptimizeConfig, PolicySearcher
 
 log = logging.getLogger(LOGGER)
 
@@ -141,7 +145,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     for warning in early:
         log.warning(warning)  # now: the search may take long
     try:
-        result = optimize(args.model, config)
+        result = optimize(args.model, config, policy_searcher=policy_searcher_for(config))
         for note in result.report.get("notes") or ():
             print(f"xrlflow: {note}", file=sys.stderr)
     except VerificationError as failure:
@@ -168,6 +172,15 @@ def run_optimize(args: argparse.Namespace) -> int:
         print(f"xrlflow: nothing measured faster than the input: {args.output} is the input unchanged")
     print(f"wrote {args.output}" + (f", report {args.report}" if args.report else "") + (f", chart {args.plot}" if args.plot else ""))
     return EXIT_OK
+
+
+def policy_searcher_for(config: OptimizeConfig) -> PolicySearcher | None:
+    """The agent's rollout search when `config` asks for a policy; imported only then (it loads torch)."""
+    if config.policy is None:
+        return None
+    from xrlflow.agents.policy_search import search_with_policy
+
+    return search_with_policy
 
 
 def _command_line() -> str:

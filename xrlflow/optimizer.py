@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -35,9 +35,15 @@ from xrlflow.guarantee import (
     Candidate, bound_output_shapes, deployment_latency, make_deployment_service, run_guarantee, stage_gains,
 )
 from xrlflow.stages import onnxruntime_stages, verify_output, without_contrib_rules, xrlflow_stage_entry
-from xrlflow.search import SEARCH_METHODS, SearchConfig, SearchResult, policy_search, run_search
+from xrlflow.search import SEARCH_METHODS, SearchConfig, SearchResult, run_search
 from xrlflow.trajectory import StepCallback, StepRecord
 from xrlflow.verify import Tolerance, first_line, load_feeds, name_breaking_rewrite, random_inputs, run_model
+
+
+# `optimize`'s search when `config.policy` is set: (policy path, graph, engine, latency service, search config,
+# device, on_step) -> the result. `xrlflow.agents.policy_search.search_with_policy`, handed in by the entry
+# points, so that the optimizer never imports the agent (nor torch).
+PolicySearcher = Callable[[str, Graph, RewriteEngine, LatencyService, SearchConfig, str, "StepCallback | None"], SearchResult]
 
 
 class VerificationError(XrlflowError):
@@ -189,6 +195,7 @@ def optimize(
     engine: RewriteEngine | None = None,
     deployment_service: Any = None,
     cuda_probe: Any = None,
+    policy_searcher: PolicySearcher | None = None,
 ) -> OptimizeResult:
     """The pipeline: xrlflow's rewrites (search), then onnxruntime's transformers fusions, then float16 if asked;
     each stage's output verified against the input (a stage whose output does not verify is dropped with a
@@ -197,11 +204,15 @@ def optimize(
 
     `deployment_service` (anything with `compare_models`, see `guarantee.ComparesModels`) runs the final A/B;
     by default the measured service in `config`'s deployment setting, or `latency_service` when it can
-    compare models. `cuda_probe` measures the CUDA-graph advice (`advice.CudaGraphProbe`)."""
+    compare models. `cuda_probe` measures the CUDA-graph advice (`advice.CudaGraphProbe`). `policy_searcher`
+    runs the search when `config.policy` is set (`xrlflow.agents.policy_search.search_with_policy`)."""
     from xrlflow.rules import CANONICAL_RULES, RULE_FINGERPRINT, select_rules
 
     started = time.perf_counter()
     config.validate()
+    if config.policy is not None and policy_searcher is None:
+        raise ValueError("optimize with config.policy needs a policy_searcher "
+                         "(xrlflow.agents.policy_search.search_with_policy)")
     engine = engine or RewriteEngine(select_rules(config.rules, config.disable_rules))
     if not config.allows_contrib_ops:
         engine = without_contrib_rules(engine)
@@ -223,7 +234,7 @@ def optimize(
     if service is None:
         kind, service = _latency_service(config, model, graph, cannot_run, warnings)
 
-    result = _search(config, graph, engine, service)
+    result = _search(config, graph, engine, service, policy_searcher)
     path = [graph]
     for match in result.applied:
         path.append(engine.apply(path[-1], match))
@@ -371,7 +382,8 @@ def _plain_cuda_service(service: Any) -> LatencyService:
 
 
 
-def _search(config: OptimizeConfig, graph: Graph, engine: RewriteEngine, service: LatencyService) -> SearchResult:
+def _search(config: OptimizeConfig, graph: Graph, engine: RewriteEngine, service: LatencyService,
+            policy_searcher: PolicySearcher | None) -> SearchResult:
     search = config.search_config
     if config.policy is not None:
         total, description = search.rollout_steps * (search.rollouts + 1), "policy"
@@ -390,56 +402,11 @@ def _search(config: OptimizeConfig, graph: Graph, engine: RewriteEngine, service
             bar.set_postfix(best_ms=f"{record.best_ms:.3f}")
     try:
         if config.policy is not None:
-            return search_with_policy(config.policy, graph, engine, service, search, config.device, on_step)
+            return policy_searcher(config.policy, graph, engine, service, search, config.device, on_step)
         return run_search(config.search, graph, engine, service, search, on_step)
     finally:
         if bar is not None:
             bar.close()
 
 
-def search_with_policy(policy_path: str, graph: Graph, engine: RewriteEngine, service: LatencyService,
-                       config: SearchConfig, device: str = "cpu", on_step: StepCallback | None = None) -> SearchResult:
-    """The policy's deterministic rollout plus `config.rollouts` sampled ones (`search.policy_search`); with
-    --rules/--disable-rules the trained action layout stays and only the selected rules' matches are offered.
-    The rollouts walk on the device's cost model; `service` (when it is not that cost model) is asked only
-    about each rollout's final and best graph, each distinct graph once. With `on_step` (progress on) a
-    second bar counts rollouts, then measurements."""
-    from xrlflow.agents import load_policy, policy_device
-    from xrlflow.rules import default_engine
-    from xrlflow.services import make_latency_service
-
-    policy = load_policy(policy_path, device=policy_device(device))
-    if engine.fingerprint != policy.rule_fingerprint:
-        engine = default_engine().restricted(r.name for r in engine.rules)
-    if engine.fingerprint != policy.rule_fingerprint:
-        raise BadInputError(f"--policy {policy_path}: trained on another rule registry")
-    make_env = policy.env_maker(graph, engine, config.rollout_steps)
-    predictor = service if service.deterministic else make_latency_service("cost", device)
-    bar = None
-    progress = None
-    if on_step is not None:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.rollouts + 1, desc="rollouts", unit="rollout", leave=False, file=sys.stderr,
-                   dynamic_ncols=True, position=1)
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase == "measure" and bar.desc != "measuring":
-                bar.reset(total=total)
-                bar.set_description_str("measuring")
-            bar.n = done
-            bar.refresh()
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the GNN on one graph: a thread pool costs more than it brings (2x on 2 cores)
-    try:
-        return policy_search(graph, service, make_env, policy.choose, config, on_step, predictor=predictor,
-                             progress=progress)
-    finally:
-        torch.set_num_threads(threads)
-        if bar is not None:
-            bar.close()
-
-
-__all__ = ["OptimizeConfig", "OptimizeResult", "SearchConfig", "VerificationError", "optimize", "search_with_policy"]
+__all__ = ["OptimizeConfig", "OptimizeResult", "PolicySearcher", "SearchConfig", "VerificationError", "optimize"]

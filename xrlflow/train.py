@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Mapping, Sequence
 from xrlflow.agents.gnn_policy import PolicyConfig
 from xrlflow.cli_options import OneLineParser, add_options, config_from, field_value, option, run_handler
 from xrlflow.envs import EnvConfig
+from xrlflow.envs.padding import training_padding
 from xrlflow.errors import BadInputError
 from xrlflow.services import DEVICES, LATENCY_KINDS, make_latency_service
 
@@ -228,16 +228,6 @@ def load_zoo_graphs(models: Sequence[str], small: bool, batches: Sequence[int] =
     return graphs
 
 
-def env_config_for(graphs: Sequence[tuple[str, Any]], cfg: TrainConfig) -> EnvConfig:
-    """Padding sized to the largest graph with room to grow (rewrites add Concat/Split nodes)."""
-    def room(n: int) -> int:
-        return max(64, int(math.ceil(n * 1.25 / 64.0)) * 64)
-
-    nodes = max(len(g.nodes) for _, g in graphs)
-    edges = max(sum(1 for n in g.nodes.values() for v in n.inputs if v and v in g.producer) for _, g in graphs)
-    return dataclasses.replace(cfg.env, max_nodes=room(nodes), max_edges=room(edges))
-
-
 def train(cfg: TrainConfig, resume: bool = False, graphs=None, latency=None) -> dict[str, Any]:
     """Train (or resume) a run; returns the final checkpoint metadata. `graphs`/`latency` override the zoo
     models and the latency kind (tests, benchmarks)."""
@@ -282,7 +272,7 @@ def _train_with(cfg: TrainConfig, resume: bool, previous: dict[str, Any], graphs
     from xrlflow.agents.training import REWARD_STATS_FILE, TrainingProgress, build_ppo, learn, make_vec_env, normalize_rewards
     from xrlflow.rules import RULE_FINGERPRINT, rule_names
 
-    env_config = EnvConfig.from_dict(previous["env_config"]) if resume else env_config_for(graphs, cfg)
+    env_config = EnvConfig.from_dict(previous["env_config"]) if resume else training_padding((g for _, g in graphs), cfg.env)
     vec_env = make_vec_env(graphs, latency, env_config, cfg.num_envs, ray=cfg.ray_address is not None)
     vec_env = normalize_rewards(vec_env, cfg.gamma, cfg.run_dir / REWARD_STATS_FILE if resume else None)
     meta_base = {

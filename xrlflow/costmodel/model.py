@@ -23,6 +23,7 @@ import numpy as np
 
 from xrlflow.costmodel.kernels import Kernel, group_kernels, kernel_key, kernel_work
 from xrlflow.costmodel.profiles import PROFILES, DeviceProfile
+from xrlflow.atomic import write_bytes
 from xrlflow.errors import BadInputError
 from xrlflow.ir import Graph
 from xrlflow.latency import Latency
@@ -81,10 +82,7 @@ class OpTable:
             **({"in_graph": self.in_graph.as_dict()} if self.in_graph is not None else {}),
             "entries": dict(sorted(self.entries.items())),
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
     @staticmethod
     def load(path: str | os.PathLike[str]) -> "OpTable":

@@ -30,11 +30,11 @@ _HOMES = {
         "NASNetNormalCell", "NASNetReductionCell", "NASNetA",
     ), "conv_models"),
     **dict.fromkeys((
-        "BUILDER_VERSION", "OPSET", "SEED", "CALIBRATION_BATCH", "ModelConfig", "InputSpec", "BuiltModel",
+        "BUILDER_VERSION", "OPSET", "SEED", "CALIBRATION_BATCH", "ModelConfig", "ModelInput", "BuiltModel",
         "ZooEntry", "BERT_BASE", "BERT_SMALL", "BERT_XRL", "BERT_XRL_SMALL", "VIT_BASE", "VIT_SMALL",
         "MINI_DALLE", "MINI_DALLE_SMALL", "TRANSDUCER", "TRANSDUCER_SMALL", "GPT2_SMALL_MODEL", "GPT2_TINY",
         "NUM_CLASSES", "SMALL_NUM_CLASSES", "AUDIO_FEATURES", "list_models", "get_entry", "resolve_config",
-        "input_specs", "build_from_config", "build_model", "count_parameters",
+        "model_inputs", "build_from_config", "build_model", "count_parameters",
     ), "registry"),
     **dict.fromkeys((
         "CACHE_DIR_ENV_VAR", "EXTERNAL_DATA_THRESHOLD_BYTES", "default_cache_dir", "cached_export_path",

@@ -29,13 +29,13 @@ def _format_count(count: int) -> str:
 
 def format_model_table(small: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> str:
     from xrlflow.zoo.export import cached_summary
-    from xrlflow.zoo.registry import count_parameters, input_specs, list_models, resolve_config
+    from xrlflow.zoo.registry import count_parameters, model_inputs, list_models, resolve_config
 
     rows = [("name", "params", "nodes", "input shape", "description")]
     for entry in list_models():
         config = resolve_config(entry.name, small)
         summary = cached_summary(config, cache_dir)
-        shape = ", ".join(spec.shape_text() for spec in input_specs(config))
+        shape = ", ".join(spec.shape_text() for spec in model_inputs(config))
         nodes = str(summary["nodes"]) if summary else "-"
         rows.append((entry.name, _format_count(count_parameters(config)), nodes, shape, entry.description))
     widths = [max(len(row[column]) for row in rows) for column in range(4)]

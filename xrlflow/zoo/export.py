@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -11,12 +10,12 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 import torch
 
+from xrlflow.atomic import replacing, replacing_with_companion, write_bytes
 from xrlflow.errors import BadInputError
 from xrlflow.zoo.registry import BUILDER_VERSION, OPSET, BuiltModel, ModelConfig, build_from_config, resolve_config
 
@@ -98,28 +97,15 @@ def _export_onnx(built: BuiltModel, work_dir: Path) -> onnx.ModelProto:
 
 
 def _save_atomically(model: onnx.ModelProto, path: Path) -> None:
-    """Write `path` (and `path`.data for models over the protobuf limit) via temp files and os.replace, data first,
-    so a reader that sees the .onnx file always sees complete data."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
-        tmp_model = Path(tmp) / path.name
-        data_name = path.name + ".data"
+    """Write `path` (and `path`.data for models over the protobuf limit) atomically, the data first, so a reader
+    that sees the .onnx file always sees complete data."""
+    data_name = path.name + ".data"
+    with replacing_with_companion(path, data_name) as tmp_model:
         if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
         else:
             tmp_model.write_bytes(model.SerializeToString())
-        os.replace(tmp_model, path)
-
-
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path` to write; on success it atomically replaces `path`."""
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
-        tmp_path = Path(tmp) / path.name
-        yield tmp_path
-        os.replace(tmp_path, path)
 
 
 def cached_export_path(config: ModelConfig, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -140,8 +126,7 @@ def cached_export_path(config: ModelConfig, cache_dir: str | os.PathLike[str] | 
         "params": sum(p.numel() for p in built.module.parameters()),
         "export_seconds": round(time.perf_counter() - started, 3),
     }
-    with _replacing(path.with_suffix(".json")) as summary_path:
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_bytes(path.with_suffix(".json"), (json.dumps(summary, indent=2) + "\n").encode())
     return path
 
 
@@ -186,6 +171,6 @@ def export_model_to_file(
     if source.with_name(source.name + ".data").is_file():
         _save_atomically(onnx.load(str(source)), target)
     else:
-        with _replacing(target) as tmp_target:
+        with replacing(target, suffix=".onnx") as tmp_target:
             shutil.copyfile(source, tmp_target)
     return target

@@ -51,7 +51,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class InputSpec:
+class ModelInput:
     name: str
     shape: tuple[int, ...]
     integer_high: int | None = None  # token ids are drawn from [0, integer_high); None means float32 normal
@@ -81,7 +81,7 @@ class ZooEntry:
     default_image_size: int | None
     small_image_size: int | None
     make_module: Callable[[ModelConfig], nn.Module]
-    make_input_specs: Callable[[ModelConfig], list[InputSpec]]
+    make_model_inputs: Callable[[ModelConfig], list[ModelInput]]
     max_seq: int | None = None
     output_name: str = "logits"
 
@@ -116,23 +116,23 @@ def _transducer_label_len(config: ModelConfig) -> int:
     return _pick(config, 16, 4)
 
 
-def _image_input(config: ModelConfig) -> list[InputSpec]:
-    return [InputSpec("images", (config.batch, 3, config.image_size, config.image_size))]
+def _image_input(config: ModelConfig) -> list[ModelInput]:
+    return [ModelInput("images", (config.batch, 3, config.image_size, config.image_size))]
 
 
 def _hidden_input(dim: TransformerDims, small_dim: TransformerDims):
-    return lambda c: [InputSpec("hidden_states", (c.batch, c.seq, _pick(c, dim, small_dim).dim))]
+    return lambda c: [ModelInput("hidden_states", (c.batch, c.seq, _pick(c, dim, small_dim).dim))]
 
 
 def _ids_input(dims: TransformerDims, small_dims: TransformerDims):
-    return lambda c: [InputSpec("input_ids", (c.batch, c.seq), integer_high=_pick(c, dims, small_dims).vocab)]
+    return lambda c: [ModelInput("input_ids", (c.batch, c.seq), integer_high=_pick(c, dims, small_dims).vocab)]
 
 
-def _transducer_inputs(config: ModelConfig) -> list[InputSpec]:
+def _transducer_inputs(config: ModelConfig) -> list[ModelInput]:
     dims = _pick(config, TRANSDUCER, TRANSDUCER_SMALL)
     return [
-        InputSpec("audio_features", (config.batch, config.seq, _pick(config, AUDIO_FEATURES, 16))),
-        InputSpec("labels", (config.batch, _transducer_label_len(config)), integer_high=dims.vocab),
+        ModelInput("audio_features", (config.batch, config.seq, _pick(config, AUDIO_FEATURES, 16))),
+        ModelInput("labels", (config.batch, _transducer_label_len(config)), integer_high=dims.vocab),
     ]
 
 
@@ -299,11 +299,11 @@ def resolve_config(name: str, small: bool = False, batch: int | None = None, seq
     return ModelConfig(name, small, batch or 1, None, image_size)
 
 
-def input_specs(config: ModelConfig) -> list[InputSpec]:
-    return get_entry(config.name).make_input_specs(config)
+def model_inputs(config: ModelConfig) -> list[ModelInput]:
+    return get_entry(config.name).make_model_inputs(config)
 
 
-def _example_inputs(specs: list[InputSpec], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+def _example_inputs(specs: list[ModelInput], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     tensors = []
     for spec in specs:
         if spec.integer_high is None:
@@ -313,7 +313,7 @@ def _example_inputs(specs: list[InputSpec], generator: torch.Generator) -> tuple
     return tuple(tensors)
 
 
-def _calibrate_batchnorm(module: nn.Module, specs: list[InputSpec], generator: torch.Generator) -> None:
+def _calibrate_batchnorm(module: nn.Module, specs: list[ModelInput], generator: torch.Generator) -> None:
     """Set BatchNorm running statistics from one forward pass on random images.
 
     With the default statistics (mean 0, variance 1) a deep random CNN's activations shrink or blow up layer after
@@ -322,7 +322,7 @@ def _calibrate_batchnorm(module: nn.Module, specs: list[InputSpec], generator: t
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    calibration_specs = [InputSpec(s.name, (CALIBRATION_BATCH, *s.shape[1:]), s.integer_high) for s in specs]
+    calibration_specs = [ModelInput(s.name, (CALIBRATION_BATCH, *s.shape[1:]), s.integer_high) for s in specs]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average: one pass sets the statistics exactly
@@ -338,7 +338,7 @@ def build_from_config(config: ModelConfig) -> BuiltModel:
     entry = get_entry(config.name)
     torch.manual_seed(SEED)
     module = entry.make_module(config)
-    specs = entry.make_input_specs(config)
+    specs = entry.make_model_inputs(config)
     generator = torch.Generator().manual_seed(SEED)
     _calibrate_batchnorm(module, specs, generator)
     module.eval()
