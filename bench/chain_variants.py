@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from xrlflow.atomic import write_bytes
-from xrlflow.paired_timing import fill_weights, strip_weights
+from xrlflow.paired_timing import strip_weights
 
 HEAD_MAJOR_PREFIX = "head-major"
 ATTENTION_FUSIONS = ("fuse-multihead-attention", "fuse-packed-qkv-attention")
@@ -162,7 +162,7 @@ def time_all(args: argparse.Namespace) -> int:
     import onnx
     import onnxruntime
 
-    from xrlflow.paired_timing import TimingSetting, paired_timing
+    from xrlflow.paired_timing import TimingSetting, paired_timing, refilled_copy
 
     folder = Path(args.dir)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -170,11 +170,7 @@ def time_all(args: argparse.Namespace) -> int:
     work = Path(args.work)
 
     def filled(file: str) -> str:
-        target = work / file
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            onnx.save(fill_weights(onnx.load(folder / file)), target)
-        return str(target)
+        return refilled_copy(folder, file, work)
 
     results = {"setting": setting.label, "onnxruntime": onnxruntime.__version__,
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "models": {}}

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import onnx
 
-from xrlflow.paired_timing import TimingSetting, fill_weights, paired_timing, strip_weights
+from xrlflow.paired_timing import TimingSetting, paired_timing, refilled_copy, strip_weights
 
 
 
@@ -198,11 +198,7 @@ def time_all(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     def filled(file: str) -> str:
-        target = work / file
-        if not target.is_file():
-            model = fill_weights(onnx.load(folder / file))
-            onnx.save(model, target, save_as_external_data=model.ByteSize() > 1_800_000_000)
-        return str(target)
+        return refilled_copy(folder, file, work)
 
     results = {"setting": setting.label, "onnxruntime": onnxruntime.__version__, "device": _device_name(args.device),
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "models": {}}

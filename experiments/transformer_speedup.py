@@ -36,7 +36,7 @@ from pathlib import Path
 import onnx
 
 from xrlflow.atomic import write_bytes
-from xrlflow.paired_timing import TimingSetting, fill_weights, paired_timing, strip_weights
+from xrlflow.paired_timing import TimingSetting, paired_timing, refilled_copy, strip_weights
 
 # model -> (shape family, onnxruntime.transformers model_type)
 MODELS = {
@@ -236,11 +236,7 @@ def time_all(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     def filled(file: str) -> str:
-        target = work / file
-        if not target.is_file():
-            model = fill_weights(onnx.load(folder / file))
-            onnx.save(model, target, save_as_external_data=model.ByteSize() > 1_800_000_000)
-        return str(target)
+        return refilled_copy(folder, file, work)
 
     results = {
         "setting": setting.label, "cuda_graph": setting.device == "cuda" and setting.cuda_graph,

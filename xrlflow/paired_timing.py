@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -194,5 +195,20 @@ def fill_weights(model: "onnx.ModelProto", seed: int = 0) -> "onnx.ModelProto":
     return model
 
 
+
+
+def refilled_copy(folder: "str | Path", file: str, work: "str | Path") -> str:
+    """The path of `folder/file` (a stripped model) with its weights refilled, written once under `work` (as
+    external data past protobuf's 2 GB limit) and reused by later calls."""
+    import onnx
+
+    target = Path(work) / file
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        model = fill_weights(onnx.load(Path(folder) / file))
+        onnx.save(model, target, save_as_external_data=model.ByteSize() > 1_800_000_000)
+    return str(target)
+
+
 __all__ = ["BoundSession", "ONNX_TO_NUMPY", "PairedTiming", "STRIP_MARK", "STRIP_MIN_ELEMENTS", "TimingSetting",
-           "fill_weights", "paired_timing", "random_feeds", "strip_weights"]
+           "fill_weights", "paired_timing", "random_feeds", "strip_weights", "refilled_copy"]
