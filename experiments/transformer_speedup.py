@@ -166,8 +166,10 @@ def prepare(args: argparse.Namespace) -> int:
                      inputs={i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in original.graph.input},
                      file=f"{name}.onnx")
         onnx.save(strip_weights(original), folder / f"{name}.onnx")
+        # a model may be prepared in several runs (one method re-done): every run's command is kept
+        commands = [c for c in _prepare_commands({name: entry}) if c != command] + [command]
         entry["prepared"] = {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commands": commands,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "versions": {"xrlflow": xrlflow.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
                          "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version()},
@@ -302,6 +304,17 @@ def _cell(timing: dict | None, info: dict, method: str) -> str:
     return text
 
 
+def _prepare_commands(models: dict) -> list[str]:
+    """Every prepare command of the set, in the order first run (a set from before `commands`: its one `command`)."""
+    out: list[str] = []
+    for entry in models.values():
+        prepared = entry.get("prepared", {})
+        for command in prepared.get("commands", [prepared["command"]] if "command" in prepared else []):
+            if command not in out:
+                out.append(command)
+    return out
+
+
 def report(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -311,7 +324,7 @@ def report(args: argparse.Namespace) -> int:
     lines = [
         "# X-RLflow's transformer comparison: speedups over onnxruntime alone", "",
         f"- prepared ({first.get('date', '?')}, {first.get('machine', '?')}): "
-        + "; ".join(sorted({f"`{m['prepared']['command']}`" for m in models.values() if 'prepared' in m})),
+        + "; ".join(f"`{c}`" for c in _prepare_commands(models)),
         f"- prepare versions: {', '.join(f'{k} {v}' for k, v in first.get('versions', {}).items())}",
         f"- searches priced by {manifest['search_latency']}; TASO = xrlflow's TASO-style cost-based backtracking "
         f"(alpha 1.05, budget {', '.join(map(str, taso_budgets)) or '-'}; the budget each model actually spent is in its cell); "
@@ -371,7 +384,7 @@ def report(args: argparse.Namespace) -> int:
                 extra.append(info["note"].replace("|", "/")[:200])
             lines.append(f"- {name} / {TITLES[method]}: " + "; ".join(extra))
     lines += ["", "Commands:", "", "```bash",
-              *sorted({m["prepared"]["command"] for m in models.values() if "prepared" in m}),
+              *_prepare_commands(models),
               *[json.loads(Path(p).read_text())["command"] for p in args.json],
               " ".join(["python", SCRIPT, *(args.argv or [])]), "```", ""]
     Path(args.output).write_text("\n".join(lines))

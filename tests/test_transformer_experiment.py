@@ -51,6 +51,15 @@ def test_prepare_writes_a_self_contained_verified_set(prepared):
     assert entry["prepared"]["versions"]["onnxruntime"]
 
 
+def test_a_method_prepared_again_keeps_the_others_and_both_commands(prepared):
+    assert _experiment().main(["prepare", "--dir", str(prepared), "--small", "--models", "bert-xrl",
+                               "--methods", "greedy"]) == 0
+    entry = json.loads((prepared / "manifest.json").read_text())["models"]["bert-xrl"]
+    assert set(entry["methods"]) == set(METHODS)
+    commands = entry["prepared"]["commands"]
+    assert len(commands) == 2 and "--taso-budget 3" in commands[0] and commands[1].endswith("--methods greedy")
+
+
 def test_time_on_the_cpu_ep_without_torch_and_report(prepared, tmp_path):
     timing_path = tmp_path / "cpu.json"
     probe = (
